@@ -1,0 +1,66 @@
+"""Shared fixtures. Importing this module prepares the environment for `huggingface_hub` BEFORE anything imports it.
+
+`huggingface_hub` freezes `constants.ENDPOINT` (and reads HF_HOME, Xet and telemetry switches) at import, so the
+local Hub server's address is decided here, at conftest import: a free port is reserved and `HF_ENDPOINT` points at
+it; the session-scoped `hub_server` fixture then serves on exactly that port. Test modules and the code under test
+can therefore call `HfApi()`, `hf_hub_download(...)`, `from_pretrained(...)` without an `endpoint=` argument and
+still reach the local server (subprocesses and Ray workers inherit the variables too).
+
+Uploader tests: use the `hub` fixture (the session server with fault knobs cleared and counters reset), give each
+test its own repo name (e.g. `f"alice/{request.node.name}"`), and get tokens with `hub.token_for("alice")`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+
+import pytest
+
+
+def _reserve_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+HUB_PORT = _reserve_port()
+HUB_URL = f"http://127.0.0.1:{HUB_PORT}"
+HUB_USERS = {"hf_alice_local_token": "alice", "hf_bob_local_token": "bob", "hf_carol_read_only": "carol"}
+HUB_ORGS = {"acme": ["alice"]}
+
+os.environ["HF_ENDPOINT"] = HUB_URL
+os.environ["HF_HUB_DISABLE_XET"] = "1"  # plain LFS: a local server cannot serve Xet
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hf-home-tests-")  # no cached token, no shared cache
+os.environ.pop("HF_TOKEN", None)  # anonymous means anonymous
+os.environ.pop("HUGGING_FACE_HUB_TOKEN", None)
+
+
+@pytest.fixture(scope="session")
+def hub_server(tmp_path_factory):
+    """The session's local Hub server at `HF_ENDPOINT`: users alice, bob (write) and carol (read-only); org acme
+    with alice as its member."""
+    from tests.hub_server import HubServer
+
+    server = HubServer(tmp_path_factory.mktemp("hub"), HUB_USERS, HUB_ORGS, read_only_tokens=["hf_carol_read_only"],
+                       port=HUB_PORT).start()  # fmt: skip
+    from huggingface_hub import constants
+
+    if constants.ENDPOINT != server.url:  # imported before this conftest: point the frozen constants at the server
+        constants.ENDPOINT = server.url
+        constants.HUGGINGFACE_CO_URL_TEMPLATE = server.url + "/{repo_id}/resolve/{revision}/{filename}"
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hub(hub_server):
+    """The session server, up, with no pending faults and zeroed counters."""
+    hub_server.come_up()
+    hub_server.clear_faults()
+    hub_server.reset_counters()
+    yield hub_server
+    hub_server.clear_faults()
+    hub_server.come_up()
