@@ -1,0 +1,229 @@
+"""Push one consolidated folder as one step: plan against the remote, commit, tag. Idempotent by construction.
+
+The rules (see DESIGN.md, "Hub"):
+- ``main`` holds the newest step at its root; a step older than the newest one already tagged is committed on a
+  short-lived branch (from ``main``), tagged, and the branch deleted, so ``main`` never goes back in time;
+- every upload is tagged ``step-N`` (``<namespace>/step-N`` with a namespace, for issue 5);
+- weight files of an earlier upload that the new one does not have (e.g. bin -> safetensors, fewer shards) are
+  deleted in the same commit; other files someone added by hand are left alone;
+- ``README.md`` is (re)generated only when the remote one is absent or is an unedited card of ours;
+- nothing is sent twice: an existing tag with the same bytes means "already done"; a branch that already holds
+  every file means a lost commit landed, and only the tag is created; inside a commit the client skips unchanged
+  files (preupload oids) and the server skips LFS objects it stores.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from utils.hub_client import HubClient, LocalFile, RemoteFile, local_files
+from utils.hub_errors import TagConflictError
+from utils.model_card import is_generated_card
+
+__all__ = ["PushPlan", "PushOutcome", "plan_push", "execute_push", "tag_for_step", "MANAGED_PATTERNS"]
+
+logger = logging.getLogger(__name__)
+
+# Files an upload owns: stale ones are deleted when a newer upload does not have them. Anything else (a LICENSE, eval
+# results added by hand, other namespaces' folders) is never deleted.
+MANAGED_PATTERNS = ("pytorch_model*.bin", "pytorch_model.bin.index.json", "model*.safetensors",
+                    "model.safetensors.index.json", "optimizer.pt", "trainer_state.json")  # fmt: skip
+README = "README.md"
+
+
+def tag_for_step(step: int, namespace: str = "") -> str:
+    """The tag of one upload: ``step-N``, or ``<namespace>/step-N`` inside a namespace.
+
+    Example:
+        >>> tag_for_step(300), tag_for_step(300, "exp-a")
+        ('step-300', 'exp-a/step-300')
+    """
+    ns = namespace.strip("/")
+    return f"{ns}/step-{int(step)}" if ns else f"step-{int(step)}"
+
+
+def _step_of_tag(tag: str, namespace: str) -> int | None:
+    prefix = tag_for_step(0, namespace)[:-1]  # "step-" or "ns/step-"
+    rest = tag[len(prefix):] if tag.startswith(prefix) else ""
+    return int(rest) if rest.isdigit() else None
+
+
+@dataclass
+class PushPlan:
+    """What a push would do, computed with reads only (the dry run prints it).
+
+    Attributes:
+        tag: ``step-N`` of this upload.
+        branch: ``main``, or the temporary branch for a step older than the newest tagged one.
+        base_commit: The commit the branch starts from (``None`` for an empty repo).
+        files: Every file of the upload with its status: ``new``, ``changed`` or ``unchanged``.
+        deletions: Stale managed files to delete.
+        readme: ``generated`` (ours, written), ``kept`` (a hand-written README is left alone) or ``none``.
+        already_tagged: The tag exists with identical weights: nothing to do.
+        landed_commit: The branch already holds everything (a lost commit landed): only the tag is missing.
+    """
+
+    repo_id: str
+    step: int
+    tag: str
+    branch: str
+    base_commit: str | None
+    files: list[tuple[LocalFile, str]] = field(default_factory=list)
+    deletions: list[str] = field(default_factory=list)
+    readme: str = "none"
+    already_tagged: str | None = None
+    landed_commit: str | None = None
+
+    @property
+    def to_send(self) -> list[LocalFile]:
+        return [f for f, status in self.files if status != "unchanged"]
+
+    @property
+    def bytes_to_send(self) -> int:
+        return sum(f.size for f in self.to_send)
+
+    def describe(self) -> str:
+        """A human-readable table of the plan."""
+        head = f"{self.repo_id} @ {self.branch} -> tag {self.tag}"
+        if self.already_tagged:
+            return f"{head}: already uploaded (tag at {self.already_tagged[:8]}), nothing to do"
+        lines = [head + (f" (branch already holds these files at {self.landed_commit[:8]}; tag only)"
+                         if self.landed_commit else "")]
+        for f, status in self.files:
+            lines.append(f"  {status:9s} {f.size / 1e6:12.3f} MB  {f.path_in_repo}")
+        lines += [f"  delete    {'':>12s}     {p}" for p in self.deletions]
+        lines.append(f"  README.md: {self.readme}; to send: {len(self.to_send)} file(s), "
+                     f"{self.bytes_to_send / 1e6:.3f} MB")
+        return "\n".join(lines)
+
+
+@dataclass
+class PushOutcome:
+    """What a push did."""
+
+    commit: str
+    tag: str
+    sent_files: list[str]
+    sent_bytes: int
+    skipped: bool
+    on_main: bool
+
+
+def plan_push(
+    client: HubClient,
+    repo_id: str,
+    folder: Path,
+    *,
+    step: int,
+    namespace: str = "",
+    card: Callable[[], str] | None = None,
+) -> PushPlan:
+    """Compare ``folder`` with the remote and decide what a push of ``step`` must do (reads only).
+
+    Args:
+        client: The Hub interface.
+        repo_id: Target repo (it must exist: preflight creates it).
+        folder: The consolidated model folder.
+        step: Training step.
+        namespace: Subfolder of the repo for this experiment (``""``: the root).
+        card: Renders the model card; ``None`` disables it. Skipped when ``folder`` has its own README.md.
+
+    Returns:
+        A :class:`PushPlan`.
+
+    Raises:
+        TagConflictError: ``step-N`` exists and points at different weights.
+    """
+    tag = tag_for_step(step, namespace)
+    branches, tags = client.refs(repo_id)
+    files = local_files(folder, prefix=namespace)
+    weights = [f for f in files if Path(f.path_in_repo).name != README]
+    if tag in tags:
+        remote = client.tree(repo_id, tags[tag], prefix=namespace)
+        differing = [f.path_in_repo for f in weights if not f.matches(remote.get(f.path_in_repo))]
+        if differing:
+            raise TagConflictError(
+                f"Tag '{tag}' already exists in {repo_id} with different content ({', '.join(differing[:5])}"
+                f"{', ...' if len(differing) > 5 else ''}). Delete the tag on the Hub to replace it, or upload with "
+                "another step."
+            )
+        return PushPlan(repo_id, step, tag, "main", tags[tag], already_tagged=tags[tag])
+
+    newest = max((s for t in tags if (s := _step_of_tag(t, namespace)) is not None), default=None)
+    main_head = branches.get("main")
+    branch = "main" if newest is None or step >= newest else f"upload-{tag.replace('/', '-')}"
+    remote = client.tree(repo_id, main_head, prefix=namespace) if main_head else {}
+    plan = PushPlan(repo_id, step, tag, branch, main_head)
+    readme_path = f"{namespace.strip('/')}/{README}" if namespace.strip("/") else README
+    if card is not None and not any(f.path_in_repo == readme_path for f in files):
+        remote_card = client.read_text(repo_id, readme_path, main_head) if readme_path in remote else None
+        if is_generated_card(remote_card):
+            files = files + _card_file(card(), readme_path)
+            plan.readme = "generated"
+        else:
+            plan.readme = "kept"
+            logger.info("%s in %s was written by hand (or edited): leaving it as it is", readme_path, repo_id)
+    ours = {f.path_in_repo for f in files}
+    plan.files = [(f, "unchanged" if f.matches(remote.get(f.path_in_repo)) else
+                   "changed" if f.path_in_repo in remote else "new") for f in files]
+    plan.deletions = sorted(p for p in remote if p not in ours and _is_managed(p, namespace))
+    if main_head and branch == "main" and all(f.matches(remote.get(f.path_in_repo)) for f in weights) \
+            and not plan.deletions:
+        plan.landed_commit = main_head  # every weight is already at main's head: only the tag is missing
+    return plan
+
+
+def execute_push(client: HubClient, plan: PushPlan, *, message: str, description: str | None = None) -> PushOutcome:
+    """Carry out a :class:`PushPlan`: commit (with the client's retries), tag, clean up a temporary branch.
+
+    Returns:
+        A :class:`PushOutcome`; ``skipped`` when the tag already held the same bytes.
+    """
+    if plan.already_tagged:
+        logger.info("%s %s already holds these weights; nothing uploaded", plan.repo_id, plan.tag)
+        return PushOutcome(plan.already_tagged, plan.tag, [], 0, skipped=True, on_main=False)
+    if plan.landed_commit:
+        logger.info("%s@main already holds step %d's weights (%s); tagging it", plan.repo_id, plan.step,
+                    plan.landed_commit[:8])
+        client.tag(plan.repo_id, plan.tag, plan.landed_commit, message=message)
+        return PushOutcome(plan.landed_commit, plan.tag, [], 0, skipped=False, on_main=True)
+    temporary = plan.branch != "main"
+    if temporary:
+        logger.info("step %d is older than the newest step on %s: committing it on %s, main stays as it is",
+                    plan.step, plan.repo_id, plan.branch)
+        client.create_branch(plan.repo_id, plan.branch, plan.base_commit)
+    try:
+        files = [f for f, _ in plan.files]
+        commit = client.commit(plan.repo_id, files, deletions=plan.deletions, branch=plan.branch, message=message,
+                               description=description)
+        client.tag(plan.repo_id, plan.tag, commit, message=message)
+    finally:
+        if temporary:
+            client.delete_branch(plan.repo_id, plan.branch)
+    sent = plan.to_send
+    return PushOutcome(commit, plan.tag, [f.path_in_repo for f in sent], sum(f.size for f in sent), skipped=False,
+                       on_main=not temporary)
+
+
+def _card_file(text: str, path_in_repo: str) -> list[LocalFile]:
+    import hashlib
+
+    data = text.encode()
+    return [LocalFile(path_in_repo, None, len(data), hashlib.sha256(data).hexdigest(), content=data)]
+
+
+def _is_managed(path: str, namespace: str) -> bool:
+    ns = namespace.strip("/")
+    rel = path[len(ns) + 1:] if ns else path
+    if ns and not path.startswith(ns + "/"):
+        return False
+    return "/" not in rel and any(fnmatch.fnmatch(rel, pattern) for pattern in MANAGED_PATTERNS)
+
+
+def remote_matches(files: list[LocalFile], remote: dict[str, RemoteFile]) -> bool:
+    """True when every file of ``files`` is in ``remote`` with the same bytes."""
+    return all(f.matches(remote.get(f.path_in_repo)) for f in files)

@@ -1,0 +1,175 @@
+"""The generated model card (``README.md``): Hub metadata plus a short human-readable summary.
+
+The card is built with ``huggingface_hub.ModelCardData`` (so the YAML header is what the Hub expects) and carries a
+marker comment. An existing README on the Hub *without* that marker was written by a person and is never replaced;
+one *with* the marker is ours and is regenerated on every upload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from huggingface_hub import ModelCardData
+
+__all__ = ["CARD_MARKER", "CardInfo", "render_model_card", "is_generated_card", "framework_versions",
+           "headline_metrics"]
+
+# Written into every card we generate, with the sha256 of the rest of the card. A README on the Hub without the
+# marker, or whose content no longer matches the hash (a person edited our card), is left alone.
+CARD_MARKER = "<!-- generated-by: verl-grpo-hub uploader; edit this README and uploads stop replacing it"
+_MARKER_RE = re.compile(re.escape(CARD_MARKER) + r" sha256:([0-9a-f]{64}) -->")
+BASE_TAGS = ("verl", "grpo", "reasoning-gym", "rl")
+
+
+@dataclass
+class CardInfo:
+    """Everything the card may say. Unknown fields stay ``None`` and are left out.
+
+    Attributes:
+        repo_id: Where the model lives (for the load snippet).
+        step: Training step of these weights.
+        revision: The tag of this upload (``step-N``), used in the load snippet.
+        base_model: The model training started from (a Hub id or path), if known.
+        dtype: Dtype of the uploaded weights (``bfloat16``, ...).
+        world_size: Number of ranks the checkpoint was saved from.
+        weights_format: ``bin`` or ``safetensors``.
+        metrics: Training/validation metrics at this step (e.g. ``{"val/reward": 0.41}``).
+        datasets: reasoning-gym tasks and their sampling weights, e.g. ``{"spell_backward": 0.33}``.
+        optimizer: Whether ``optimizer.pt`` is part of the upload.
+        extra: More ``key: value`` pairs for the details table (git SHA, W&B link, global batch, ...).
+    """
+
+    repo_id: str
+    step: int
+    revision: str
+    base_model: str | None = None
+    dtype: str | None = None
+    world_size: int | None = None
+    weights_format: str | None = None
+    metrics: Mapping[str, float] | None = None
+    datasets: Mapping[str, float] | None = None
+    optimizer: bool = False
+    extra: Mapping[str, object] = field(default_factory=dict)
+
+
+def framework_versions() -> dict[str, str]:
+    """Installed versions of the frameworks that produced the model, read from package metadata (no imports)."""
+    out = {}
+    for dist in ("verl", "torch", "transformers", "huggingface_hub"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def headline_metrics(metrics: Mapping[str, float] | None, limit: int = 3) -> dict[str, float]:
+    """The few metrics worth a commit title: rewards/scores/accuracies first, validation before training."""
+    if not metrics:
+        return {}
+    numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+    def rank(key: str) -> tuple[int, int, str]:
+        k = key.lower()
+        kind = 0 if ("reward" in k or "score" in k) else 1 if ("acc" in k) else 2
+        return (kind, 0 if k.startswith("val") else 1, key)
+
+    return {k: numeric[k] for k in sorted(numeric, key=rank)[:limit]}
+
+
+def render_model_card(info: CardInfo) -> str:
+    """The full ``README.md`` text for one upload.
+
+    Args:
+        info: What is known about the model (see :class:`CardInfo`).
+
+    Returns:
+        Markdown with a YAML metadata header (``base_model``, ``library_name: transformers``, tags, datasets and
+        weights, step, metrics, dtype, world size) and a body with a load snippet pinned to ``info.revision``.
+
+    Example:
+        >>> card = render_model_card(CardInfo(repo_id="alice/m", step=3, revision="step-3"))
+        >>> card.startswith("---") and 'revision="step-3"' in card
+        True
+    """
+    tags = list(BASE_TAGS) + [f"reasoning-gym-{name}" for name in sorted(info.datasets or {})]
+    metrics = {k: float(v) for k, v in (info.metrics or {}).items() if isinstance(v, int | float)}
+    data = ModelCardData(
+        base_model=info.base_model,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=tags,
+        training_step=info.step,
+        torch_dtype=info.dtype,
+        world_size=info.world_size,
+        reasoning_gym_datasets=dict(info.datasets) if info.datasets else None,
+        metrics=metrics or None,
+    )
+    versions = framework_versions()
+    rows = [("step", info.step), ("revision", f"`{info.revision}`"), ("base model", info.base_model),
+            ("dtype", info.dtype), ("world size (ranks)", info.world_size), ("weights", info.weights_format),
+            ("optimizer state", "`optimizer.pt` (keyed by parameter name)" if info.optimizer else None)]
+    rows += list(info.extra.items())
+    rows += [(name, version) for name, version in versions.items()]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows if v is not None)
+    lines = [
+        "---",
+        data.to_yaml(),
+        "---",
+        "",
+        _PLACEHOLDER,
+        "",
+        f"# {info.repo_id.split('/')[-1]}",
+        "",
+        f"A GRPO fine-tune trained with [veRL](https://github.com/volcengine/verl) on "
+        f"[reasoning-gym](https://github.com/open-thought/reasoning-gym) tasks, step {info.step}. "
+        f"`main` holds the latest upload; every upload is also tagged `step-N`.",
+        "",
+        "## Load it",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{info.repo_id}", revision="{info.revision}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{info.repo_id}", revision="{info.revision}")',
+        "```",
+        "",
+        "## Training details",
+        "",
+        "| | |",
+        "|---|---|",
+        table,
+    ]
+    if info.datasets:
+        lines += ["", "## reasoning-gym tasks", "", "| task | weight |", "|---|---|"]
+        lines += [f"| {name} | {weight:g} |" for name, weight in sorted(info.datasets.items())]
+    if metrics:
+        lines += ["", f"## Metrics at step {info.step}", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {name} | {value:.4g} |" for name, value in sorted(metrics.items())]
+    text = "\n".join(lines) + "\n"
+    return text.replace(_PLACEHOLDER, f"{CARD_MARKER} sha256:{_digest(text)} -->")
+
+
+def is_generated_card(text: str | None) -> bool:
+    """True when ``text`` is absent, or is a card this module generated and nobody edited since (so it may go).
+
+    Example:
+        >>> card = render_model_card(CardInfo(repo_id="alice/m", step=3, revision="step-3"))
+        >>> is_generated_card(card), is_generated_card(card + "my notes"), is_generated_card("# My model")
+        (True, False, False)
+    """
+    if text is None:
+        return True
+    match = _MARKER_RE.search(text)
+    return bool(match) and _digest(text.replace(match.group(0), _PLACEHOLDER)) == match.group(1)
+
+
+_PLACEHOLDER = "<!-- model-card-marker -->"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
