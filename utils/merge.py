@@ -137,7 +137,7 @@ def _assemble_dtensor(key: str, values: Sequence[Any], files: Sequence[Path], ou
             start = sum(local_size(c, mesh_dim, j) for j in range(c[mesh_dim]))
             index[d] = slice(start, start + local.shape[d])
         if tuple(local.shape) != tuple(s.stop - s.start for s in index) or any(
-                s.stop > n for s, n in zip(index, full)):
+                s.stop > n for s, n in zip(index, full, strict=True)):
             raise ShapeMismatchError(
                 f"{key}: local shard of rank {r} ({files[r]}) has shape {tuple(local.shape)}, which does not fit the "
                 f"full shape {full} with placements {ref.placements}.")
@@ -229,7 +229,7 @@ class RankShards:
                 raise CorruptShardError(f"{f}: expected a model state dict (str -> tensor), found {type(sd).__name__}")
             self.state_dicts.append(sd)
         self.keys: list[str] = list(self.state_dicts[0])
-        for f, sd in zip(self.files[1:], self.state_dicts[1:]):
+        for f, sd in zip(self.files[1:], self.state_dicts[1:], strict=True):
             if list(sd) != self.keys:
                 diff = sorted(set(self.keys) ^ set(sd))[:5]
                 raise MissingKeyError(f"{f}: holds different keys than {self.files[0]} (e.g. {diff}); the rank files "
