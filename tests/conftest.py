@@ -1,0 +1,11 @@
+"""Session fixtures: real FSDP2 checkpoints, written once per test session and shared (see consolidation_checks)."""
+
+import pytest
+
+from tests.consolidation_checks import CheckpointCache
+
+
+@pytest.fixture(scope="session")
+def fsdp_checkpoints(tmp_path_factory) -> CheckpointCache:
+    """``fsdp_checkpoints["w3_tied"]`` -> a WrittenCheckpoint; each case is written on first use only."""
+    return CheckpointCache(tmp_path_factory.mktemp("fsdp_ckpts"))
