@@ -18,6 +18,8 @@ import tempfile
 
 import pytest
 
+from tests.consolidation_checks import CheckpointCache
+
 
 def _reserve_port() -> int:
     with socket.socket() as s:
@@ -64,3 +66,11 @@ def hub(hub_server):
     yield hub_server
     hub_server.clear_faults()
     hub_server.come_up()
+
+
+# ----- engine: real FSDP2 checkpoints, written once per session -----
+
+@pytest.fixture(scope="session")
+def fsdp_checkpoints(tmp_path_factory) -> CheckpointCache:
+    """``fsdp_checkpoints["w3_tied"]`` -> a WrittenCheckpoint; each case is written on first use only."""
+    return CheckpointCache(tmp_path_factory.mktemp("fsdp_ckpts"))

@@ -1,0 +1,222 @@
+"""Write real veRL-layout FSDP2 checkpoints from real gloo processes, plus independent ground truth.
+
+    python -m tests.fsdp_writer OUT_ROOT --world-size 3 [--tied] [--hsdp 2x2] [--legacy] [--plain]
+                                [--preset tiny|medium] [--config-dtype float32|bfloat16] [--steps 2]
+
+Each of W spawned processes joins a gloo group, builds the same randomly initialised ``Qwen2ForCausalLM``
+(dimensions chosen so that no sharded dim divides evenly by 2, 3 or 4 everywhere), shards it with FSDP2
+(``fully_shard`` per decoder layer and on the root, over ``init_device_mesh("cpu", ...)``), takes a couple of AdamW
+steps on rank-dependent data, and then saves exactly what veRL 0.9.1's FSDP checkpoint manager saves:
+
+    OUT_ROOT/latest_checkpointed_iteration.txt
+    OUT_ROOT/global_step_N/data.pt
+    OUT_ROOT/global_step_N/actor/{model,optim,extra_state}_world_size_{W}_rank_{r}.pt
+    OUT_ROOT/global_step_N/actor/fsdp_config.json          (not with --legacy: older veRL did not write it)
+    OUT_ROOT/global_step_N/actor/huggingface/              (config, generation_config, tokenizer, chat template)
+
+The ground truth, gathered in the writer processes with torch's own collectives (``get_model_state_dict`` and
+``get_optimizer_state_dict`` with ``full_state_dict=True``), goes to ``OUT_ROOT/ground_truth.pt`` - outside the
+checkpoint, and computed without any code of the engine under test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PRESETS = {
+    # Sharded dims 101, 35, 37, 32, 16: uneven for W = 2, 3 and 4 (and some even ones, too).
+    "tiny": dict(vocab_size=101, hidden_size=35, head_dim=8, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=37, num_hidden_layers=2),
+    # ~17M parameters (~68 MB fp32): big enough for a meaningful peak-RSS bound, still seconds to write.
+    "medium": dict(vocab_size=8003, hidden_size=515, head_dim=64, num_attention_heads=8, num_key_value_heads=2,
+                   intermediate_size=1379, num_hidden_layers=2),
+}
+
+
+@dataclass(frozen=True)
+class WrittenCheckpoint:
+    """Where a written checkpoint lives. ``actor_dir`` is what the engine consumes; the rest is ground truth."""
+
+    root: Path
+    step: int
+    world_size: int
+    tied: bool
+
+    @property
+    def step_dir(self) -> Path:
+        return self.root / f"global_step_{self.step}"
+
+    @property
+    def actor_dir(self) -> Path:
+        return self.step_dir / "actor"
+
+    @property
+    def ground_truth_path(self) -> Path:
+        return self.root / "ground_truth.pt"
+
+
+def write_checkpoint(
+    out_root: Path,
+    *,
+    world_size: int,
+    tied: bool,
+    hsdp: tuple[int, int] | None = None,
+    legacy: bool = False,
+    plain: bool = False,
+    preset: str = "tiny",
+    config_dtype: str = "float32",
+    steps: int = 2,
+) -> WrittenCheckpoint:
+    """Run the writer in a fresh Python process (gloo state never leaks into the caller) and return its paths."""
+    cmd = [sys.executable, "-m", "tests.fsdp_writer", str(out_root), "--world-size", str(world_size),
+           "--preset", preset, "--config-dtype", config_dtype, "--steps", str(steps)]
+    cmd += ["--tied"] if tied else []
+    cmd += ["--hsdp", f"{hsdp[0]}x{hsdp[1]}"] if hsdp else []
+    cmd += ["--legacy"] if legacy else []
+    cmd += ["--plain"] if plain else []
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"fsdp_writer failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return WrittenCheckpoint(root=Path(out_root), step=steps, world_size=world_size, tied=tied)
+
+
+def build_tokenizer(vocab_size: int):
+    """A word-level tokenizer with exactly ``vocab_size`` entries and a chat template, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    words = [f"w{i}" for i in range(vocab_size - len(specials))]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                                   unk_token="<unk>")
+    fast.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
+                          "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+    return fast
+
+
+def _model_config(preset: str, tied: bool, config_dtype: str):
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(**PRESETS[preset], tie_word_embeddings=tied, max_position_embeddings=64,
+                         bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    config.architectures = ["Qwen2ForCausalLM"]
+    config.dtype = config_dtype
+    return config
+
+
+def _save_huggingface_dir(hf_dir: Path, config) -> None:
+    from transformers import GenerationConfig
+
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(hf_dir)
+    # An eos *list* and sampling defaults: the details merged models lose elsewhere (verl #1246, #7198).
+    GenerationConfig(bos_token_id=2, eos_token_id=[1, 5], pad_token_id=0, do_sample=True, temperature=0.7,
+                     top_p=0.8, top_k=20, repetition_penalty=1.05).save_pretrained(hf_dir)
+    build_tokenizer(config.vocab_size).save_pretrained(hf_dir)
+
+
+def _worker(rank: int, args: argparse.Namespace, init_file: str) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import Qwen2ForCausalLM
+
+    world = args.world_size
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(1234)  # same initial weights on every rank, as veRL does by loading one HF model
+    config = _model_config(args.preset, args.tied, args.config_dtype)
+    model = Qwen2ForCausalLM(config).float()
+    if args.hsdp:
+        mesh = init_device_mesh("cpu", args.hsdp, mesh_dim_names=("ddp", "fsdp"))
+    else:
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("fsdp",))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 1.0 / (1 + s))
+    gen = torch.Generator().manual_seed(100 + rank)
+    for _ in range(args.steps):
+        ids = torch.randint(0, config.vocab_size, (2, 9), generator=gen)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optim.step()
+        sched.step()
+        optim.zero_grad()
+
+    step_dir = Path(args.out_root) / f"global_step_{args.steps}"
+    actor = step_dir / "actor"
+    actor.mkdir(parents=True, exist_ok=True)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full_model = get_model_state_dict(model, options=opts)  # collectives: every rank calls them
+    full_optim = get_optimizer_state_dict(model, optim, options=opts)
+
+    model_sd, optim_sd = model.state_dict(), optim.state_dict()
+    if args.plain:  # what old veRL wrote at W=1 (verl #903): plain tensors, no DTensor
+        assert world == 1, "--plain is the W=1 legacy layout"
+        model_sd = {k: v.full_tensor().clone() for k, v in model_sd.items()}
+        for st in optim_sd["state"].values():
+            for k, v in st.items():
+                if hasattr(v, "to_local"):
+                    st[k] = v.to_local().clone()
+    torch.save(model_sd, actor / f"model_world_size_{world}_rank_{rank}.pt")
+    torch.save(optim_sd, actor / f"optim_world_size_{world}_rank_{rank}.pt")
+    rng = {"cpu": torch.get_rng_state(), "numpy": None, "random": None}
+    torch.save({"lr_scheduler": sched.state_dict(), "rng": rng},
+               actor / f"extra_state_world_size_{world}_rank_{rank}.pt")
+    if rank == 0:
+        if not args.legacy:
+            (actor / "fsdp_config.json").write_text(json.dumps({"FSDP_version": 2, "world_size": world}, indent=4))
+        _save_huggingface_dir(actor / "huggingface", config)
+        torch.save({"dataloader": {}}, step_dir / "data.pt")
+        (Path(args.out_root) / "latest_checkpointed_iteration.txt").write_text(str(args.steps))
+        torch.save({"model": full_model, "optim": full_optim, "config": config.to_dict()},
+                   Path(args.out_root) / "ground_truth.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out_root")
+    p.add_argument("--world-size", type=int, required=True)
+    p.add_argument("--tied", action="store_true")
+    p.add_argument("--hsdp", type=lambda s: tuple(int(x) for x in s.split("x")), default=None)
+    p.add_argument("--legacy", action="store_true", help="omit fsdp_config.json (veRL before mid-2025)")
+    p.add_argument("--plain", action="store_true", help="W=1 only: plain tensors instead of DTensors")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--config-dtype", default="float32")
+    p.add_argument("--steps", type=int, default=2)
+    args = p.parse_args(argv)
+    if args.hsdp and args.hsdp[0] * args.hsdp[1] != args.world_size:
+        p.error("--hsdp RxS needs R*S == --world-size")
+
+    import torch.multiprocessing as mp
+
+    Path(args.out_root).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_worker, args=(args, os.path.join(tmp, "init")), nprocs=args.world_size,
+                           start_method="spawn")
+
+
+if __name__ == "__main__":
+    main()

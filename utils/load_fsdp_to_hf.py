@@ -1,0 +1,347 @@
+"""Consolidate a veRL FSDP checkpoint into a Hugging Face model folder, streaming in bounded memory.
+
+    python utils/load_fsdp_to_hf.py checkpoints/run/global_step_100/actor out/model
+    python utils/load_fsdp_to_hf.py checkpoints/run out/model --format safetensors --dtype bf16 --optimizer
+    python -m utils.load_fsdp_to_hf CKPT_DIR OUT_DIR [--format bin|safetensors] [--dtype auto|bf16|fp16|fp32]
+        [--max-shard-size 5GB] [--optimizer] [--base-model PATH] [--step N] [--overwrite] [--verify] [--quiet]
+
+The pipeline: detect the layout (world size, rank files) -> read every rank file memory-mapped -> for each tensor,
+assemble it from its DTensor shards by placement, cast, write it, release it -> write the index last -> copy config,
+generation config and tokenizer -> optionally merge the optimizer -> re-open and check every file -> rename the
+temporary folder into place. Peak memory is about the largest tensor (safetensors) or one output shard (bin).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:  # run as a script: import `utils` from the repo, not utils/ itself
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import torch  # noqa: E402
+
+from utils.checkpoint_layout import CheckpointLayout, detect_layout, find_step_dirs, latest_step  # noqa: E402
+from utils.errors import (  # noqa: E402
+    CheckpointError,
+    MissingKeyError,
+    MissingRankFileError,
+    OutputExistsError,
+    OutputNotWritableError,
+    OutputVerificationError,
+    ShapeMismatchError,
+)
+from utils.hf_writer import (  # noqa: E402
+    WEIGHT_FORMATS,
+    SafetensorsStreamWriter,
+    ShardPlan,
+    parse_size,
+    plan_shards,
+    save_bin_shard,
+    verify_output,
+    write_index,
+)
+from utils.merge import RankShards  # noqa: E402
+from utils.model_config import (  # noqa: E402
+    DTYPES,
+    ExpectedModel,
+    copy_side_files,
+    find_config_dir,
+    load_expected_model,
+    resolve_dtype,
+)
+from utils.optimizer_merge import consolidate_optimizer  # noqa: E402
+
+__all__ = ["ConsolidationResult", "consolidate_checkpoint", "find_step_dirs", "latest_step", "main"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ConsolidationResult:
+    """What :func:`consolidate_checkpoint` wrote.
+
+    Attributes:
+        out_dir: the finished folder.
+        files: every file in it, sorted.
+        weight_files: the weight shards (and index), in write order.
+        bytes_written: weight bytes written (plus ``optimizer.pt`` if any).
+        seconds: wall time of the whole consolidation.
+        dtype: the floating-point dtype written (``"bfloat16"``, ...); ``source_dtype``: the dtype stored in the shards.
+        world_size, step: of the checkpoint consolidated.
+        num_tensors: weight tensors written (tied aliases counted once).
+        optimizer_file: ``"optimizer.pt"`` if the optimizer was consolidated.
+    """
+
+    out_dir: Path
+    files: list[str]
+    weight_files: list[str]
+    bytes_written: int
+    seconds: float
+    dtype: str
+    source_dtype: str
+    world_size: int
+    step: int | None
+    num_tensors: int
+    optimizer_file: str | None = None
+    side_files: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        gb = self.bytes_written / 1e9
+        step = f"step {self.step}" if self.step is not None else "checkpoint"
+        return (f"consolidated {step} (W={self.world_size}, {self.source_dtype}) -> {self.out_dir}: {self.num_tensors} "
+                f"tensors, {sum(not f.endswith('.json') for f in self.weight_files)} weight file(s), {self.dtype}, {gb:.2f} GB"
+                f"{' + optimizer.pt' if self.optimizer_file else ''} in {self.seconds:.1f} s "
+                f"({gb / max(self.seconds, 1e-9):.2f} GB/s)")
+
+
+def _check_against_config(shards: RankShards, expected: ExpectedModel) -> list[str]:
+    """Return the keys to write (checkpoint order, tied aliases dropped) after checking keys and shapes."""
+    ckpt = set(shards.keys)
+    missing = [k for k in expected.shapes if k not in ckpt and k not in expected.aliases]
+    unexpected = [k for k in shards.keys if k not in expected.shapes]
+    if missing or unexpected:
+        raise MissingKeyError(
+            f"{shards.files[0]}: keys differ from the model built from {expected.config_dir / 'config.json'}: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}. The "
+            "huggingface/ folder (or --base-model) does not describe the model that was trained.")
+    keys = []
+    for k in shards.keys:
+        spec = shards.spec(k)
+        if spec.shape != expected.shapes[k]:
+            raise ShapeMismatchError(
+                f"{k}: the checkpoint holds shape {spec.shape}, {expected.config_dir / 'config.json'} implies "
+                f"{expected.shapes[k]}. The config does not match the trained model; pass the right --base-model "
+                "or fix the huggingface/ folder.")
+        if k not in expected.aliases:
+            keys.append(k)
+    return keys
+
+
+def _make_temp_dir(out_dir: Path) -> Path:
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the result should read like any folder
+        return tmp
+    except OSError as e:
+        raise OutputNotWritableError(
+            f"{out_dir}: cannot create a folder beside it ({e.strerror or e}); choose a writable output path.") from e
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputExistsError(f"{out_dir} exists and is not a directory; remove it or pick another OUT_DIR")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise OutputExistsError(f"{out_dir} exists and is not empty; pass --overwrite (overwrite=True) to replace it")
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    old = None
+    if out_dir.exists():  # empty, or overwrite=True: swap, so a failure never leaves a half-replaced folder
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.rename(out_dir, old / "x")
+    os.rename(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_weights(shards: RankShards, plan: ShardPlan, tmp: Path, weights_format: str,
+                   dtypes: dict[str, torch.dtype], progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    with tqdm(total=plan.total_size, unit="B", unit_scale=True, desc="consolidating", file=sys.stderr,
+              disable=not progress, dynamic_ncols=True) as bar:
+        for name, keys in plan.files.items():
+            if weights_format == "safetensors":
+                entries = [(k, shards.spec(k).shape, dtypes[k]) for k in keys]
+                with SafetensorsStreamWriter(tmp / name, entries) as writer:
+                    for k in keys:
+                        bar.update(writer.write(k, shards.assemble(k, dtypes[k])))
+            else:
+                # torch.save needs the whole shard's dict at once: peak = one output shard (+ the tensor in flight).
+                buf = {}
+                for k in keys:
+                    buf[k] = shards.assemble(k, dtypes[k])
+                    bar.update(buf[k].numel() * buf[k].element_size())
+                save_bin_shard(tmp / name, buf)
+                del buf
+
+
+def _verify_with_transformers(tmp: Path, shards: RankShards, keys: list[str], expected: ExpectedModel,
+                              dtypes: dict[str, torch.dtype]) -> None:
+    """Load the written folder with transformers and compare every tensor bitwise with a fresh merge."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp, dtype="auto")
+    loaded = model.state_dict()
+    for k in keys:
+        if not torch.equal(loaded[k], shards.assemble(k, dtypes[k])):
+            raise OutputVerificationError(f"{k}: the model loaded from {tmp} differs from the merged shards")
+    for alias, target in expected.aliases.items():
+        if not torch.equal(loaded[alias], loaded[target]):
+            raise OutputVerificationError(f"{alias}: not tied to {target} after loading")
+
+
+def consolidate_checkpoint(
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    step: int | None = None,
+    weights_format: str = "bin",
+    dtype: str = "auto",
+    max_shard_size: int | str = "5GB",
+    include_optimizer: bool = False,
+    base_model: str | Path | None = None,
+    overwrite: bool = False,
+    verify: bool = False,
+    progress: bool = True,
+) -> ConsolidationResult:
+    """Merge a veRL FSDP checkpoint's rank files into a Hugging Face model folder.
+
+    Args:
+        ckpt_dir: ``global_step_N/actor``, ``global_step_N``, or the run directory (latest step by default).
+        out_dir: the folder to create; built beside it in a temporary folder, renamed into place when verified.
+        step: with a run directory, the step to consolidate.
+        weights_format: ``"bin"`` (``pytorch_model*.bin``) or ``"safetensors"`` (``model*.safetensors``).
+        dtype: ``"auto"`` (the checkpoint's ``huggingface/config.json`` dtype), ``"bf16"``, ``"fp16"`` or ``"fp32"``.
+        max_shard_size: split the weights into files of at most this size (``"5GB"``, bytes as int).
+        include_optimizer: also write a name-keyed ``optimizer.pt`` (torch's full optimizer state dict layout).
+        base_model: a local model folder for config/tokenizer, used only if the checkpoint has no ``huggingface/``.
+        overwrite: replace a non-empty ``out_dir``.
+        verify: also load the result with transformers and compare every tensor bitwise with the shards.
+        progress: show a progress bar over bytes on stderr.
+
+    Returns:
+        A :class:`ConsolidationResult` (files, bytes, seconds, dtype, world size, step).
+
+    Raises:
+        NotACheckpointError, MissingRankFileError, MixedWorldSizeError, WorldSizeMismatchError: layout problems.
+        CorruptShardError: a rank file cannot be read.
+        MissingKeyError, ShapeMismatchError, UnsupportedPlacementError, ReplicaMismatchError: content problems.
+        MissingModelConfigError, InvalidModelConfigError: no usable ``config.json``.
+        OutputExistsError, OutputNotWritableError, OutputVerificationError: output problems.
+        FSDP1OptimizerError, OptimizerMismatchError: with ``include_optimizer``.
+        ValueError: a bad argument (format, dtype, shard size).
+        In every case nothing is left in (or beside) ``out_dir``.
+
+    Example:
+        >>> res = consolidate_checkpoint("ckpts/run/global_step_100/actor", "out/model",  # doctest: +SKIP
+        ...                              weights_format="safetensors", dtype="bf16")
+        >>> print(res.summary())  # doctest: +SKIP
+    """
+    t0 = time.perf_counter()
+    if weights_format not in WEIGHT_FORMATS:
+        raise ValueError(f"weights_format={weights_format!r}: expected one of {sorted(WEIGHT_FORMATS)}")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected auto or one of {sorted(DTYPES)}")
+    parse_size(max_shard_size)
+    out_dir = Path(out_dir).absolute()
+    _check_out_dir(out_dir, overwrite)
+
+    layout: CheckpointLayout = detect_layout(ckpt_dir, step)
+    if include_optimizer and not layout.optim_files:
+        raise MissingRankFileError(
+            f"{layout.actor_dir}: no complete set of optim_world_size_{layout.world_size}_rank_*.pt files; the run "
+            "saved no optimizer (checkpoint.save_contents) or some ranks' files are missing. Drop --optimizer.")
+    config_dir = find_config_dir(layout.hf_dir, base_model)
+    expected = load_expected_model(config_dir)
+    shards = RankShards(layout.model_files)
+    keys = _check_against_config(shards, expected)
+
+    floats = [shards.spec(k).dtype for k in keys if shards.spec(k).dtype.is_floating_point]
+    source_dtype = floats[0] if floats else torch.float32
+    out_dtype = resolve_dtype(dtype, expected.config_dtype, source_dtype)
+    if out_dtype != source_dtype:
+        why = f"config.json says {expected.config_dtype}" if dtype == "auto" else f"dtype={dtype}"
+        logger.info("casting weights %s -> %s (%s)", source_dtype, out_dtype, why)
+    dtypes = {k: out_dtype if shards.spec(k).dtype.is_floating_point else shards.spec(k).dtype for k in keys}
+    plan = plan_shards([(k, shards.spec(k).shape, dtypes[k]) for k in keys], weights_format, max_shard_size)
+    logger.info("%s: W=%d, %d tensors -> %d %s file(s), %.2f GB %s", layout.actor_dir, layout.world_size, len(keys),
+                len(plan.files), weights_format, plan.total_size / 1e9, out_dtype)
+
+    tmp = _make_temp_dir(out_dir)
+    try:
+        _write_weights(shards, plan, tmp, weights_format, dtypes, progress)
+        write_index(tmp, plan)
+        side_files = copy_side_files(config_dir, tmp, out_dtype)
+        opt_bytes, opt_file = 0, None
+        if include_optimizer:
+            opt_file = "optimizer.pt"
+            opt_bytes = consolidate_optimizer(layout.optim_files, expected.param_names, expected.shapes,
+                                              tmp / opt_file, fsdp_version=layout.fsdp_version)
+        verify_output(tmp, plan, weights_format, {k: (shards.spec(k).shape, dtypes[k]) for k in keys})
+        if verify:
+            _verify_with_transformers(tmp, shards, keys, expected, dtypes)
+        _check_out_dir(out_dir, overwrite)  # again: someone may have written there meanwhile
+        _move_into_place(tmp, out_dir)
+    except BaseException:  # Ctrl-C included: leave nothing behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    weight_files = list(plan.files) + ([plan.index_name] if plan.index_name else [])
+    return ConsolidationResult(
+        out_dir=out_dir,
+        files=sorted(p.name for p in out_dir.iterdir()),
+        weight_files=weight_files,
+        bytes_written=plan.total_size + opt_bytes,
+        seconds=time.perf_counter() - t0,
+        dtype=str(out_dtype).removeprefix("torch."),
+        source_dtype=str(source_dtype).removeprefix("torch."),
+        world_size=layout.world_size,
+        step=layout.step,
+        num_tensors=len(keys),
+        optimizer_file=opt_file,
+        side_files=side_files,
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="load_fsdp_to_hf", description="Consolidate a veRL FSDP checkpoint into a Hugging Face model folder.")
+    p.add_argument("ckpt_dir", help="global_step_N/actor, global_step_N, or the run directory (latest step)")
+    p.add_argument("out_dir", help="output folder (must not exist or be empty, unless --overwrite)")
+    p.add_argument("--format", dest="weights_format", choices=sorted(WEIGHT_FORMATS), default="bin")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="auto = the dtype in the checkpoint's huggingface/config.json")
+    p.add_argument("--max-shard-size", default="5GB", help="largest weight file, e.g. 5GB, 500MB (default 5GB)")
+    p.add_argument("--optimizer", action="store_true", help="also write a name-keyed optimizer.pt")
+    p.add_argument("--base-model", default=None, help="config/tokenizer folder if the checkpoint has no huggingface/")
+    p.add_argument("--step", type=int, default=None, help="with a run directory: the step (default: latest)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    p.add_argument("--verify", action="store_true", help="load the result with transformers and compare bitwise")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no log lines; errors still go to stderr")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit code (0 ok, 1 checkpoint/argument error, 130 interrupted)."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
+                        stream=sys.stderr)
+    try:
+        result = consolidate_checkpoint(
+            args.ckpt_dir, args.out_dir, step=args.step, weights_format=args.weights_format, dtype=args.dtype,
+            max_shard_size=args.max_shard_size, include_optimizer=args.optimizer, base_model=args.base_model,
+            overwrite=args.overwrite, verify=args.verify, progress=not args.quiet)
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    print(result.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
