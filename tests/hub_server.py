@@ -56,7 +56,7 @@ except ImportError:  # pragma: no cover - when run as a plain script from tests/
     from hub_server_storage import HubError, HubStore, lfs_pointer, now_iso
 
 KINDS = ("whoami", "create_repo", "delete_repo", "repo_info", "settings", "preupload", "lfs_batch", "lfs_put",
-         "commit", "commits", "tree", "paths_info", "refs", "branch", "tag", "resolve", "validate_yaml", "other")  # fmt: skip
+         "commit", "commits", "tree", "paths_info", "refs", "branch", "tag", "resolve", "validate_yaml", "other")
 FAULTS = (500, 502, 503, 429, "reset", "reset_mid_body")
 _TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 _URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
@@ -93,7 +93,7 @@ class HubServer:
 
     def __init__(self, root_dir: str | Path, users: dict[str, str] | None = None, orgs: dict[str, list[str]] | None = None,
                  *, read_only_tokens: tuple[str, ...] | list[str] = (), host: str = "127.0.0.1", port: int = 0,
-                 verbose: bool = False):  # fmt: skip
+                 verbose: bool = False):
         self.store = HubStore(root_dir)
         self.users = dict(users or {})
         self.orgs = {org: list(members) for org, members in (orgs or {}).items()}
@@ -104,7 +104,7 @@ class HubServer:
         self.lfs_stored: Counter[str] = Counter()
         self.lfs_bytes_received = 0
         self._faults: list[dict[str, Any]] = []  # {"kind", "times", "error", "retry_after"|"seconds"}
-        self._lfs_credentials: dict[str, tuple[str, int]] = {}  # one-time token in the PUT href -> (sha256, size)
+        self._lfs_credentials: dict[str, tuple[str, str, int]] = {}  # one-time token in a PUT href -> (repo, sha, size)
         self._lock = threading.Lock()
         self._down = threading.Event()
         self._httpd: _HTTPServer | None = None
@@ -123,7 +123,7 @@ class HubServer:
         self._httpd.hub = self
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name=f"hub-server-{self.port}", daemon=True)  # fmt: skip
+                                        name=f"hub-server-{self.port}", daemon=True)
         self._thread.start()
         return self
 
@@ -160,11 +160,11 @@ class HubServer:
 
     # ----- users -----
     def token_for(self, user: str) -> str:
-        """The first token registered for `user` (a KeyError names the known users)."""
-        for token, name in self.users.items():
-            if name == user and token not in self.read_only_tokens:
-                return token
-        raise KeyError(f"no write token for user {user!r}; known users: {sorted(set(self.users.values()))}")
+        """A token of `user`, a write token when it has one (a KeyError names the known users)."""
+        tokens = sorted((token in self.read_only_tokens, token) for token, name in self.users.items() if name == user)
+        if not tokens:
+            raise KeyError(f"no token for user {user!r}; known users: {sorted(set(self.users.values()))}")
+        return tokens[0][1]
 
     # ----- fault knobs (thread-safe, callable while requests are in flight) -----
     def fail_next(self, kind: str, times: int = 1, error: int | str = 500, *, retry_after: float = 0) -> None:
@@ -342,7 +342,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError(400, f"Request body is not valid JSON: {e}") from e
 
     def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
-              content_type: str = "application/json") -> None:  # fmt: skip
+              content_type: str = "application/json") -> None:
         if not self._body_read:  # answer only after the whole request is read, or keep-alive desyncs
             for _ in self._body_chunks():
                 pass
@@ -441,7 +441,7 @@ class _Handler(BaseHTTPRequestHandler):
                          ("branch", "POST"): ("branch", self.create_branch, (t, repo_id, rev)),
                          ("branch", "DELETE"): ("branch", self.delete_branch, (t, repo_id, rev)),
                          ("tag", "POST"): ("tag", self.create_tag, (t, repo_id, rev)),
-                         ("tag", "DELETE"): ("tag", self.delete_tag, (t, repo_id, rev))}  # fmt: skip
+                         ("tag", "DELETE"): ("tag", self.delete_tag, (t, repo_id, rev))}
                 if (action, method) in table:
                     return table[(action, method)]
         t, rest = ("model", s) if not s or s[0] not in ("datasets", "spaces") else (s[0][:-1], s[1:])
@@ -496,7 +496,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json({"type": "user", "id": user, "name": user, "fullname": user, "email": f"{user}@localhost",
                          "emailVerified": True, "isPro": False, "canPay": False, "orgs": orgs,
                          "auth": {"type": "access_token",
-                                  "accessToken": {"displayName": "local-hub", "role": role, "createdAt": now_iso()}}})  # fmt: skip
+                                  "accessToken": {"displayName": "local-hub", "role": role, "createdAt": now_iso()}}})
 
     def create_repo(self) -> None:
         body = self._json_body()
@@ -551,7 +551,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json({"_id": repo_id, "id": repo_id, "author": repo_id.split("/")[0], "sha": commit["id"],
                          "private": repo["private"], "gated": False, "disabled": False, "downloads": 0, "likes": 0,
                          "tags": [], "siblings": siblings, "createdAt": repo["created_at"],
-                         "lastModified": commit["date"]})  # fmt: skip
+                         "lastModified": commit["date"]})
 
     def refs(self, repo_type: str, repo_id: str) -> None:
         repo = self._repo(repo_type, repo_id)
@@ -560,7 +560,7 @@ class _Handler(BaseHTTPRequestHandler):
             return [{"name": n, "ref": f"refs/{prefix}/{n}", "targetCommit": c} for n, c in sorted(repo[kind].items())]
 
         self._send_json({"branches": refs_of("branches", "heads"), "tags": refs_of("tags", "tags"), "converts": [],
-                         "pullRequests": []})  # fmt: skip
+                         "pullRequests": []})
 
     def create_branch(self, repo_type: str, repo_id: str, branch: str) -> None:
         repo = self._repo(repo_type, repo_id, write=True)
@@ -610,7 +610,7 @@ class _Handler(BaseHTTPRequestHandler):
         store = self.server.hub.store
         chain = store.history(repo, store.resolve(repo, revision))
         self._send_json([{"id": c["id"], "title": c["title"], "message": c["message"], "date": c["date"],
-                          "authors": [{"user": c["author"], "avatar": None}]} for c in chain])  # fmt: skip
+                          "authors": [{"user": c["author"], "avatar": None}]} for c in chain])
 
     def _path_items(self, repo: dict[str, Any], commit: dict[str, Any], items: list, expand: bool) -> list[dict]:
         store, out = self.server.hub.store, []
@@ -666,7 +666,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json({"files": files, "commitOid": commit["id"]})
 
     def lfs_batch(self, repo_type: str, repo_id: str) -> None:
-        self._repo(repo_type, repo_id, write=True)
+        repo = self._repo(repo_type, repo_id, write=True)
         body = self._json_body()
         if body.get("operation") != "upload":
             raise HubError(400, "Only the LFS 'upload' operation is served here (downloads go through /resolve)")
@@ -674,14 +674,14 @@ class _Handler(BaseHTTPRequestHandler):
         for obj in body.get("objects", []):
             oid, size = obj["oid"], int(obj["size"])
             answer: dict[str, Any] = {"oid": oid, "size": size, "authenticated": True}
-            if not hub.store.blobs.has(oid, size):  # no "actions" = already stored, the client skips the PUT
+            if not hub.store.has_lfs(repo, oid, size):  # no "actions" = already stored, the client skips the PUT
                 credential = secrets.token_urlsafe(24)
                 with hub._lock:
-                    hub._lfs_credentials[credential] = (oid, size)
+                    hub._lfs_credentials[credential] = (f"{repo_type}:{repo_id}", oid, size)
                 answer["actions"] = {"upload": {"href": f"{self._base()}/lfs-upload/{credential}", "expires_in": 3600}}
             objects.append(answer)
         self._send(200, json.dumps({"transfer": "basic", "objects": objects, "hash_algo": "sha256"}).encode(),
-                   content_type="application/vnd.git-lfs+json")  # fmt: skip
+                   content_type="application/vnd.git-lfs+json")
 
     def lfs_put(self, credential: str) -> None:
         """The href's own credential authorizes the PUT (the client sends no Authorization header here)."""
@@ -690,19 +690,19 @@ class _Handler(BaseHTTPRequestHandler):
             target = hub._lfs_credentials.get(credential)
         if target is None:
             raise HubError(403, "Unknown or used LFS upload credential; ask the LFS batch endpoint for a new href")
-        oid, size = target
+        repo_key, oid, size = target
 
         def counted():
             for chunk in self._body_chunks():
                 hub._count_bytes(len(chunk))
                 yield chunk
 
-        if hub.store.blobs.has(oid, size):  # a retried PUT whose first answer was lost: idempotent
-            for _ in counted():
-                pass
-        else:
-            hub.store.blobs.put_chunks(counted(), oid, size)
-            hub._count(hub.lfs_stored, oid)
+        hub.store.blobs.put_chunks(counted(), oid, size)  # checks sha256 and size before keeping anything
+        repo = hub.store.repos.get(repo_key)
+        if repo is None:
+            raise HubError(404, "Repository not found (deleted during the upload)", "RepoNotFound")
+        hub.store.add_lfs(repo, oid, size)
+        hub._count(hub.lfs_stored, oid)
         with hub._lock:
             hub._lfs_credentials.pop(credential, None)  # one-time: used up once the object is stored
         self._send(200, b"", content_type="text/plain")
@@ -718,9 +718,9 @@ class _Handler(BaseHTTPRequestHandler):
         header = next((op.get("value") or {} for op in operations if op.get("key") == "header"), {})
         user, _ = self._user()
         commit_id = self.server.hub.store.commit(repo, revision, operations, author=user or "",
-                                                 parent_commit=header.get("parentCommit"))  # fmt: skip
+                                                 parent_commit=header.get("parentCommit"))
         self._send_json({"commitUrl": f"{self._repo_url(repo_type, repo_id)}/commit/{commit_id}",
-                         "commitOid": commit_id, "pullRequestUrl": None, "success": True})  # fmt: skip
+                         "commitOid": commit_id, "pullRequestUrl": None, "success": True})
 
     def resolve(self, repo_type: str, repo_id: str, revision: str, path: str) -> None:
         repo = self._repo(repo_type, repo_id)
@@ -782,7 +782,7 @@ def main(argv: list[str] | None = None) -> None:
     read_only = [token for _, token in pairs(args.read_only_token, "--read-only-token")]
     orgs = {org: members.split(",") for org, members in pairs(args.org, "--org")}
     server = HubServer(args.root, users, orgs, read_only_tokens=read_only, host=args.host, port=args.port,
-                       verbose=args.verbose).start()  # fmt: skip
+                       verbose=args.verbose).start()
     print(server.url, flush=True)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())

@@ -37,7 +37,7 @@ DEFAULT_GITATTRIBUTES = "".join(
         "*.pth", "*.rar", "*.safetensors", "saved_model/**/*", "*.tar.*", "*.tar", "*.tflite", "*.tgz", "*.wasm",
         "*.xz", "*.zip", "*.zst", "*tfevents*",
     )
-)  # fmt: skip
+)
 REPO_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
@@ -116,7 +116,7 @@ class BlobStore:
                     received += len(chunk)
             if received != size or hasher.hexdigest() != sha256:
                 raise HubError(400, f"Uploaded content does not match: got {received} bytes with sha256 "
-                                    f"{hasher.hexdigest()}, expected {size} bytes with sha256 {sha256}")  # fmt: skip
+                                    f"{hasher.hexdigest()}, expected {size} bytes with sha256 {sha256}")
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
@@ -153,7 +153,7 @@ class HubStore:
             raise HubError(400, f"Invalid repo name {repo_id!r}: use letters, digits, '-', '_' and '.' only")
         with self.lock:
             repo = {"type": repo_type, "id": repo_id, "private": private, "created_at": now_iso(),
-                    "commits": {}, "branches": {}, "tags": {}}  # fmt: skip
+                    "commits": {}, "branches": {}, "tags": {}, "lfs": {}}
             self.repos[f"{repo_type}:{repo_id}"] = repo
             # Like the Hub: a new repo starts with one commit holding the default `.gitattributes`.
             data = DEFAULT_GITATTRIBUTES.encode()
@@ -161,6 +161,16 @@ class HubStore:
             repo["branches"]["main"] = self._new_commit(repo, None, files, "initial commit", "", author)
             self.save()
             return repo
+
+    def has_lfs(self, repo: dict[str, Any], oid: str, size: int) -> bool:
+        """Whether this repo holds the LFS object. Like on the Hub, LFS objects belong to a repo: the same
+        content pushed to another repo is uploaded again (the bytes on disk are shared)."""
+        return repo["lfs"].get(oid) == size and self.blobs.has(oid, size)
+
+    def add_lfs(self, repo: dict[str, Any], oid: str, size: int) -> None:
+        with self.lock:
+            repo["lfs"][oid] = size
+            self.save()
 
     def delete_repo(self, repo_type: str, repo_id: str) -> None:
         with self.lock:
@@ -201,7 +211,7 @@ class HubStore:
         commit_id = hashlib.sha1(seed.encode()).hexdigest()
         message = title + (f"\n\n{description}" if description else "")
         repo["commits"][commit_id] = {"id": commit_id, "parent": parent, "title": title, "message": message,
-                                      "date": date, "author": author, "files": files}  # fmt: skip
+                                      "date": date, "author": author, "files": files}
         repo["last_modified"] = date
         return commit_id
 
@@ -221,7 +231,7 @@ class HubStore:
         return "regular"
 
     def commit(self, repo: dict[str, Any], branch: str, operations: list[dict[str, Any]], *, author: str,
-               parent_commit: str | None = None) -> str:  # fmt: skip
+               parent_commit: str | None = None) -> str:
         """Apply NDJSON commit lines (`header`, `file`, `lfsFile`, `deletedFile`, `deletedFolder`) to a branch.
 
         Returns:
@@ -243,7 +253,7 @@ class HubStore:
                 staged.append(("add", _check_path(value["path"]), make_entry(sha, len(data), False, data)))
             elif key == "lfsFile":
                 oid, size = value["oid"], int(value["size"])
-                if value.get("algo", "sha256") != "sha256" or not self.blobs.has(oid, size):
+                if value.get("algo", "sha256") != "sha256" or not self.has_lfs(repo, oid, size):
                     raise HubError(400, f"LFS object {oid} ({size} bytes) for {value['path']!r} was not uploaded")
                 staged.append(("add", _check_path(value["path"]), make_entry(oid, size, True)))
             elif key in ("deletedFile", "deletedFolder"):
