@@ -64,7 +64,10 @@ def repo(hub, request) -> str:
 def test_whoami_reports_user_orgs_and_token_role(hub):
     alice = _api(hub, "alice").whoami()
     assert (alice["name"], [o["name"] for o in alice["orgs"]], alice["auth"]["accessToken"]["role"]) == (
-        "alice", ["acme"], "write")
+        "alice",
+        ["acme"],
+        "write",
+    )
     assert _api(hub, "carol").whoami()["auth"]["accessToken"]["role"] == "read"
     with pytest.raises(HfHubHTTPError) as e:
         HfApi(endpoint=hub.url, token="hf_not_a_token").whoami()
@@ -82,7 +85,9 @@ def test_upload_folder_round_trips_every_file_byte_for_byte(hub, repo, model_dir
     assert {p for p, f in tree.items() if f.lfs} == {"model.bin", "extra.bin"}
     assert tree["model.bin"].lfs.sha256 == _sha256(local["model.bin"])
     assert (hub.completed["lfs_put"], hub.completed["commit"]) == (2, 1)
-    assert sum(hub.lfs_stored.values()) == 2 and hub.lfs_bytes_received == BIG + (model_dir / "extra.bin").stat().st_size
+    assert (
+        sum(hub.lfs_stored.values()) == 2 and hub.lfs_bytes_received == BIG + (model_dir / "extra.bin").stat().st_size
+    )
 
     snapshot = snapshot_download(repo, endpoint=hub.url, cache_dir=tmp_path / "cache")
     for rel, path in local.items():
@@ -103,7 +108,11 @@ def test_private_repo_is_invisible_to_anonymous_and_other_users(hub, tmp_path):
     alice.create_repo(repo_id, private=True)
     alice.upload_file(repo_id=repo_id, path_or_fileobj=b"hidden", path_in_repo="weights.txt")
 
-    assert (alice.repo_exists(repo_id), anonymous.repo_exists(repo_id), bob.repo_exists(repo_id)) == (True, False, False)
+    assert (alice.repo_exists(repo_id), anonymous.repo_exists(repo_id), bob.repo_exists(repo_id)) == (
+        True,
+        False,
+        False,
+    )
     assert alice.repo_info(repo_id).private is True
     with pytest.raises(RepositoryNotFoundError):
         hf_hub_download(repo_id, "weights.txt", token=False, endpoint=hub.url, cache_dir=tmp_path)
@@ -111,8 +120,10 @@ def test_private_repo_is_invisible_to_anonymous_and_other_users(hub, tmp_path):
         hf_hub_download(repo_id, "weights.txt", token=hub.token_for("bob"), endpoint=hub.url, cache_dir=tmp_path)
     with pytest.raises(RepositoryNotFoundError):
         bob.upload_file(repo_id=repo_id, path_or_fileobj=b"x", path_in_repo="x.txt")
-    assert [c.title for c in alice.list_repo_commits(repo_id)] == ["Upload weights.txt with huggingface_hub",
-                                                                    "initial commit"]
+    assert [c.title for c in alice.list_repo_commits(repo_id)] == [
+        "Upload weights.txt with huggingface_hub",
+        "initial commit",
+    ]
 
 
 def test_writes_outside_own_namespaces_are_refused(hub, repo):
@@ -162,7 +173,9 @@ def test_tags_and_branches_pin_revisions(hub, repo, tmp_path):
     assert [c.title for c in api.list_repo_commits(repo)] == ["step 2", "step 1", "initial commit"]
 
     def read(revision: str) -> bytes:
-        return Path(hf_hub_download(repo, "w.txt", revision=revision, endpoint=hub.url, cache_dir=tmp_path)).read_bytes()
+        return Path(
+            hf_hub_download(repo, "w.txt", revision=revision, endpoint=hub.url, cache_dir=tmp_path)
+        ).read_bytes()
 
     assert (read("step-1"), read("step-2"), read("main"), read(first.oid)) == (b"v1", b"v2", b"v2", b"v1")
 
@@ -212,7 +225,9 @@ def test_upload_folder_delete_patterns_and_readme_validation(hub, repo, tmp_path
     hub.reset_counters()
     api.upload_folder(repo_id=repo, folder_path=tmp_path, delete_patterns=["old/*"])
     assert sorted(api.list_repo_files(repo)) == [".gitattributes", "README.md", "keep.txt", "new.txt"]
-    assert hub.completed["validate_yaml"] >= 1 and hub.completed["commit"] == 1  # upload_folder and create_commit both validate
+    assert (
+        hub.completed["validate_yaml"] >= 1 and hub.completed["commit"] == 1
+    )  # upload_folder and create_commit both validate
 
 
 def test_burst_of_500s_and_429s_is_retried_and_nothing_is_stored_twice(hub, repo, model_dir):
@@ -276,8 +291,17 @@ def test_fault_knobs_reject_unknown_kinds_and_faults(hub):
 
 
 def test_subprocess_mode_prints_its_url_and_keeps_repos_across_restarts(tmp_path):
-    cmd = [sys.executable, "-m", "tests.hub_server", "--port", "0", "--root", str(tmp_path / "hub"),
-           "--token", "dave=hf_dave_token"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tests.hub_server",
+        "--port",
+        "0",
+        "--root",
+        str(tmp_path / "hub"),
+        "--token",
+        "dave=hf_dave_token",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     def serve() -> tuple[subprocess.Popen, str]:
@@ -298,7 +322,10 @@ def test_subprocess_mode_prints_its_url_and_keeps_repos_across_restarts(tmp_path
         assert proc.wait(timeout=10) == 0
     proc, url = serve()
     try:
-        assert HfApi(endpoint=url, token="hf_dave_token").list_repo_files("dave/persisted") == [".gitattributes", "k.txt"]
+        assert HfApi(endpoint=url, token="hf_dave_token").list_repo_files("dave/persisted") == [
+            ".gitattributes",
+            "k.txt",
+        ]
     finally:
         proc.terminate()
         proc.wait(timeout=10)
