@@ -46,8 +46,9 @@ def hub_server(tmp_path_factory):
     with alice as its member."""
     from tests.hub_server import HubServer
 
-    server = HubServer(tmp_path_factory.mktemp("hub"), HUB_USERS, HUB_ORGS, read_only_tokens=["hf_carol_read_only"],
-                       port=HUB_PORT).start()  # fmt: skip
+    server = HubServer(
+        tmp_path_factory.mktemp("hub"), HUB_USERS, HUB_ORGS, read_only_tokens=["hf_carol_read_only"], port=HUB_PORT
+    ).start()
     from huggingface_hub import constants
 
     if constants.ENDPOINT != server.url:  # imported before this conftest: point the frozen constants at the server

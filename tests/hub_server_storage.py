@@ -32,12 +32,43 @@ LFS_SIZE_THRESHOLD = 10 * 1000 * 1000
 DEFAULT_GITATTRIBUTES = "".join(
     f"{pattern} filter=lfs diff=lfs merge=lfs -text\n"
     for pattern in (
-        "*.7z", "*.arrow", "*.bin", "*.bz2", "*.ckpt", "*.ftz", "*.gz", "*.h5", "*.joblib", "*.lfs.*", "*.mlmodel",
-        "*.model", "*.msgpack", "*.npy", "*.npz", "*.onnx", "*.ot", "*.parquet", "*.pb", "*.pickle", "*.pkl", "*.pt",
-        "*.pth", "*.rar", "*.safetensors", "saved_model/**/*", "*.tar.*", "*.tar", "*.tflite", "*.tgz", "*.wasm",
-        "*.xz", "*.zip", "*.zst", "*tfevents*",
+        "*.7z",
+        "*.arrow",
+        "*.bin",
+        "*.bz2",
+        "*.ckpt",
+        "*.ftz",
+        "*.gz",
+        "*.h5",
+        "*.joblib",
+        "*.lfs.*",
+        "*.mlmodel",
+        "*.model",
+        "*.msgpack",
+        "*.npy",
+        "*.npz",
+        "*.onnx",
+        "*.ot",
+        "*.parquet",
+        "*.pb",
+        "*.pickle",
+        "*.pkl",
+        "*.pt",
+        "*.pth",
+        "*.rar",
+        "*.safetensors",
+        "saved_model/**/*",
+        "*.tar.*",
+        "*.tar",
+        "*.tflite",
+        "*.tgz",
+        "*.wasm",
+        "*.xz",
+        "*.zip",
+        "*.zst",
+        "*tfevents*",
     )
-)  # fmt: skip
+)
 REPO_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
@@ -115,8 +146,11 @@ class BlobStore:
                     f.write(chunk)
                     received += len(chunk)
             if received != size or hasher.hexdigest() != sha256:
-                raise HubError(400, f"Uploaded content does not match: got {received} bytes with sha256 "
-                                    f"{hasher.hexdigest()}, expected {size} bytes with sha256 {sha256}")  # fmt: skip
+                raise HubError(
+                    400,
+                    f"Uploaded content does not match: got {received} bytes with sha256 "
+                    f"{hasher.hexdigest()}, expected {size} bytes with sha256 {sha256}",
+                )
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
@@ -152,8 +186,16 @@ class HubStore:
         if not REPO_NAME_RE.match(name) or not namespace:
             raise HubError(400, f"Invalid repo name {repo_id!r}: use letters, digits, '-', '_' and '.' only")
         with self.lock:
-            repo = {"type": repo_type, "id": repo_id, "private": private, "created_at": now_iso(),
-                    "commits": {}, "branches": {}, "tags": {}}  # fmt: skip
+            repo = {
+                "type": repo_type,
+                "id": repo_id,
+                "private": private,
+                "created_at": now_iso(),
+                "commits": {},
+                "branches": {},
+                "tags": {},
+                "lfs": {},
+            }
             self.repos[f"{repo_type}:{repo_id}"] = repo
             # Like the Hub: a new repo starts with one commit holding the default `.gitattributes`.
             data = DEFAULT_GITATTRIBUTES.encode()
@@ -161,6 +203,16 @@ class HubStore:
             repo["branches"]["main"] = self._new_commit(repo, None, files, "initial commit", "", author)
             self.save()
             return repo
+
+    def has_lfs(self, repo: dict[str, Any], oid: str, size: int) -> bool:
+        """Whether this repo holds the LFS object. Like on the Hub, LFS objects belong to a repo: the same
+        content pushed to another repo is uploaded again (the bytes on disk are shared)."""
+        return repo["lfs"].get(oid) == size and self.blobs.has(oid, size)
+
+    def add_lfs(self, repo: dict[str, Any], oid: str, size: int) -> None:
+        with self.lock:
+            repo["lfs"][oid] = size
+            self.save()
 
     def delete_repo(self, repo_type: str, repo_id: str) -> None:
         with self.lock:
@@ -200,8 +252,15 @@ class HubStore:
         seed = json.dumps([repo["id"], parent, sorted(files.items()), title, description, date, self._counter])
         commit_id = hashlib.sha1(seed.encode()).hexdigest()
         message = title + (f"\n\n{description}" if description else "")
-        repo["commits"][commit_id] = {"id": commit_id, "parent": parent, "title": title, "message": message,
-                                      "date": date, "author": author, "files": files}  # fmt: skip
+        repo["commits"][commit_id] = {
+            "id": commit_id,
+            "parent": parent,
+            "title": title,
+            "message": message,
+            "date": date,
+            "author": author,
+            "files": files,
+        }
         repo["last_modified"] = date
         return commit_id
 
@@ -220,8 +279,15 @@ class HubStore:
                     return "lfs"
         return "regular"
 
-    def commit(self, repo: dict[str, Any], branch: str, operations: list[dict[str, Any]], *, author: str,
-               parent_commit: str | None = None) -> str:  # fmt: skip
+    def commit(
+        self,
+        repo: dict[str, Any],
+        branch: str,
+        operations: list[dict[str, Any]],
+        *,
+        author: str,
+        parent_commit: str | None = None,
+    ) -> str:
         """Apply NDJSON commit lines (`header`, `file`, `lfsFile`, `deletedFile`, `deletedFolder`) to a branch.
 
         Returns:
@@ -238,12 +304,16 @@ class HubStore:
         for op in operations:
             key, value = op.get("key"), op.get("value") or {}
             if key == "file":
-                data = base64.b64decode(value["content"]) if value.get("encoding") == "base64" else value["content"].encode()
+                data = (
+                    base64.b64decode(value["content"])
+                    if value.get("encoding") == "base64"
+                    else value["content"].encode()
+                )
                 sha = self.blobs.put_bytes(data)
                 staged.append(("add", _check_path(value["path"]), make_entry(sha, len(data), False, data)))
             elif key == "lfsFile":
                 oid, size = value["oid"], int(value["size"])
-                if value.get("algo", "sha256") != "sha256" or not self.blobs.has(oid, size):
+                if value.get("algo", "sha256") != "sha256" or not self.has_lfs(repo, oid, size):
                     raise HubError(400, f"LFS object {oid} ({size} bytes) for {value['path']!r} was not uploaded")
                 staged.append(("add", _check_path(value["path"]), make_entry(oid, size, True)))
             elif key in ("deletedFile", "deletedFolder"):
