@@ -14,6 +14,7 @@ that runs the same call in a Ray task on rank 0's node and waits for it (``utils
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -48,6 +49,8 @@ class BackgroundUploader:
         upload_fn: ``upload_fn(checkpoint_dir, step, metrics)``; exceptions are caught and recorded in the job
             (the uploader already wrote ``upload_pending.json``), never raised into the training loop.
         on_done: Optional callback ``on_done(job)`` after each job (logging, metrics).
+        niceness: Lower the worker thread's CPU priority by this much (Linux, best effort) so hashing and sending
+            yield the CPU to the training loop's threads; 0 leaves it alone.
 
     Example:
         >>> up = HuggingFaceUploader("alice/m", private=True)  # doctest: +SKIP
@@ -57,8 +60,9 @@ class BackgroundUploader:
     """
 
     def __init__(self, upload_fn: Callable[[Path, int, Mapping[str, float] | None], Any],
-                 on_done: Callable[[UploadJob], None] | None = None):
+                 on_done: Callable[[UploadJob], None] | None = None, niceness: int = 10):
         self._upload_fn = upload_fn
+        self._niceness = niceness
         self._on_done = on_done
         self._cond = threading.Condition()
         self._queued: UploadJob | None = None
@@ -133,6 +137,11 @@ class BackgroundUploader:
             self._cond.notify_all()
 
     def _loop(self) -> None:
+        if self._niceness and hasattr(os, "setpriority"):
+            try:  # Linux threads are schedulable tasks: this lowers only the worker thread's priority
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._niceness)
+            except OSError:
+                pass
         while True:
             with self._cond:
                 while self._queued is None and not self._closed:

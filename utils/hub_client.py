@@ -340,6 +340,7 @@ class HubClient:
         message: str,
         description: str | None = None,
         make_ops: Callable[[], list[CommitOperationAdd]] | None = None,
+        parent_commit: str | None = None,
     ) -> str:
         """Commit ``files`` (and delete ``deletions``) on ``branch`` with the outer retry; return the commit id.
 
@@ -356,6 +357,8 @@ class HubClient:
             description: Commit body.
             make_ops: Builds fresh ``CommitOperationAdd`` objects (they cannot be reused after a failed attempt);
                 defaults to one per entry of ``files``.
+            parent_commit: The branch head the caller just read (saves a request on the first attempt); later
+                attempts always re-read it.
 
         Returns:
             The commit id (40 hex) that holds the files.
@@ -368,7 +371,7 @@ class HubClient:
         for attempt in range(1, self.max_attempts + 1):
             head = None
             try:
-                head = self.refs(repo_id)[0].get(branch)
+                head = parent_commit if attempt == 1 and parent_commit else self.refs(repo_id)[0].get(branch)
                 if attempt > 1 and head and self._branch_holds(repo_id, head, files, deletions):
                     logger.info("Commit on %s@%s already landed (%s); not committing again", repo_id, branch, head[:8])
                     return head

@@ -199,7 +199,7 @@ def execute_push(client: HubClient, plan: PushPlan, *, message: str, description
     try:
         files = [f for f, _ in plan.files]
         commit = client.commit(plan.repo_id, files, deletions=plan.deletions, branch=plan.branch, message=message,
-                               description=description)
+                               description=description, parent_commit=plan.base_commit)
         client.tag(plan.repo_id, plan.tag, commit, message=message)
     finally:
         if temporary:
