@@ -26,6 +26,10 @@ CASES: dict[str, dict] = {
     "w4_untied": dict(world_size=4, tied=False),
     "hsdp2x2_tied": dict(world_size=4, tied=True, hsdp=(2, 2)),
 }
+# Bigger checkpoints for memory checks; not part of the all-cases parametrisations.
+LARGE_CASES: dict[str, dict] = {
+    "medium_w2": dict(world_size=2, tied=False, preset="medium", steps=1),
+}
 # Derived from a written case without re-running FSDP: the same real shards in an older layout.
 DERIVED = {
     "legacy_w2": "w2_untied",  # no fsdp_config.json (veRL before mid-2025)
@@ -42,8 +46,8 @@ class CheckpointCache:
 
     def __getitem__(self, name: str) -> WrittenCheckpoint:
         if name not in self._done:
-            self._done[name] = self._derive(name) if name in DERIVED else write_checkpoint(self.root / name,
-                                                                                             **CASES[name])
+            self._done[name] = self._derive(name) if name in DERIVED else write_checkpoint(
+                self.root / name, **{**CASES, **LARGE_CASES}[name])
         return self._done[name]
 
     def _derive(self, name: str) -> WrittenCheckpoint:

@@ -36,9 +36,10 @@ PRESETS = {
     # Sharded dims 101, 35, 37, 32, 16: uneven for W = 2, 3 and 4 (and some even ones, too).
     "tiny": dict(vocab_size=101, hidden_size=35, head_dim=8, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=37, num_hidden_layers=2),
-    # ~17M parameters (~68 MB fp32): big enough for a meaningful peak-RSS bound, still seconds to write.
-    "medium": dict(vocab_size=8003, hidden_size=515, head_dim=64, num_attention_heads=8, num_key_value_heads=2,
-                   intermediate_size=1379, num_hidden_layers=2),
+    # ~26M parameters (~106 MB fp32) over 8 layers, largest tensor 8 MB: a peak-RSS bound far below the
+    # checkpoint size is meaningful, and it still takes seconds to write.
+    "medium": dict(vocab_size=4001, hidden_size=515, head_dim=64, num_attention_heads=8, num_key_value_heads=2,
+                   intermediate_size=1379, num_hidden_layers=8),
 }
 
 
@@ -195,6 +196,55 @@ def _worker(rank: int, args: argparse.Namespace, init_file: str) -> None:
     dist.destroy_process_group()
 
 
+def _load_optimizer_worker(rank: int, args: argparse.Namespace, init_file: str) -> None:
+    """Resume-at-another-world-size check: load the consolidated model and optimizer.pt into FSDP2 at W'."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM
+
+    world = args.world_size
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = AutoModelForCausalLM.from_pretrained(args.load_optimizer, dtype=torch.float32)
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("fsdp",))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01)
+    # As in veRL's resume: the scheduler exists before the state is loaded (it adds 'initial_lr' to param_groups,
+    # which the saved groups carry too; torch's loader matches group keys exactly).
+    torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 1.0 / (1 + s))
+    full = torch.load(Path(args.load_optimizer) / "optimizer.pt", weights_only=True)
+    set_optimizer_state_dict(model, optim, optim_state_dict=full, options=StateDictOptions(full_state_dict=True))
+    back = get_optimizer_state_dict(model, optim, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    local = {k: v.to_local().shape for k, v in optim.state_dict()["state"][0].items() if hasattr(v, "to_local")}
+    if rank == 0:
+        torch.save({"roundtrip": back, "local_shapes_rank0": local}, args.out_root)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def load_optimizer_at_world_size(consolidated_dir: Path, world_size: int, result_path: Path) -> dict:
+    """In W' fresh gloo processes: ``set_optimizer_state_dict(full_state_dict=True)`` from ``optimizer.pt``, then
+    gather it back with ``get_optimizer_state_dict``. Returns ``{"roundtrip": full state, "local_shapes_rank0"}``."""
+    cmd = [sys.executable, "-m", "tests.fsdp_writer", str(result_path), "--world-size", str(world_size),
+           "--load-optimizer", str(consolidated_dir)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"optimizer loader failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    import torch
+
+    return torch.load(result_path, weights_only=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out_root")
@@ -206,15 +256,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     p.add_argument("--config-dtype", default="float32")
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--load-optimizer", default=None, metavar="CONSOLIDATED_DIR",
+                   help="instead of writing: load CONSOLIDATED_DIR/optimizer.pt at --world-size, save to OUT_ROOT")
     args = p.parse_args(argv)
     if args.hsdp and args.hsdp[0] * args.hsdp[1] != args.world_size:
         p.error("--hsdp RxS needs R*S == --world-size")
 
     import torch.multiprocessing as mp
 
-    Path(args.out_root).mkdir(parents=True, exist_ok=True)
+    worker = _load_optimizer_worker if args.load_optimizer else _worker
+    if not args.load_optimizer:
+        Path(args.out_root).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_worker, args=(args, os.path.join(tmp, "init")), nprocs=args.world_size,
+        mp.start_processes(worker, args=(args, os.path.join(tmp, "init")), nprocs=args.world_size,
                            start_method="spawn")
 
 

@@ -1,0 +1,74 @@
+"""Peak memory of a merge stays far below the checkpoint size (the benchmark prints the figures at scale).
+
+The merge runs in a fresh Python process. After imports (torch, transformers) and before consolidating, it resets
+the kernel's peak-RSS counter (``/proc/self/clear_refs``), so the measured peak is the merge's own, page-cache pages
+mapped from the rank files included.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")]
+
+_MEASURE = r"""
+import json, sys
+from pathlib import Path
+from utils.load_fsdp_to_hf import consolidate_checkpoint
+from utils.model_config import load_expected_model
+actor, out, fmt, shard = sys.argv[1:5]
+load_expected_model(Path(actor) / "huggingface")  # import transformers and the model class before measuring
+
+def status(field):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field + ":"))
+
+open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM (peak RSS) to the current RSS
+base = status("VmRSS")
+res = consolidate_checkpoint(actor, out, weights_format=fmt, max_shard_size=shard, dtype="fp32", progress=False)
+print(json.dumps({"base": base, "peak": status("VmHWM"), "bytes": res.bytes_written}))
+"""
+
+
+def _measure(actor: Path, out: Path, fmt: str, shard: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, str(actor), str(out), fmt, shard], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _sizes(actor: Path) -> tuple[int, int]:
+    """(checkpoint bytes on disk, largest full tensor in bytes) - from the files, not from the engine."""
+    import torch
+    import torch.distributed.tensor  # noqa: F401  (DTensor unpickling)
+
+    ckpt = sum(p.stat().st_size for p in actor.glob("model_world_size_*.pt"))
+    sd = torch.load(next(actor.glob("model_world_size_*_rank_0.pt")), mmap=True, weights_only=True)
+    largest = max(v.numel() * v.element_size() for v in sd.values())
+    return ckpt, largest
+
+
+@pytest.mark.parametrize("fmt, shard", [("safetensors", "5GB"), ("bin", "20MB")])
+def test_peak_rss_of_a_merge_is_a_small_fraction_of_the_checkpoint(fsdp_checkpoints, tmp_path, fmt, shard):
+    ck = fsdp_checkpoints["medium_w2"]
+    ckpt_bytes, largest = _sizes(ck.actor_dir)
+    m = _measure(ck.actor_dir, tmp_path / "out", fmt, shard)
+    delta = m["peak"] - m["base"]
+    print(f"{fmt}: checkpoint {ckpt_bytes / 1e6:.1f} MB, largest tensor {largest / 1e6:.1f} MB, "
+          f"peak RSS over baseline {delta / 1e6:.1f} MB")
+    assert ckpt_bytes > 100e6 and largest < ckpt_bytes / 10  # the bound below is meaningful for this input
+    # safetensors streams: ~the tensor being assembled plus its source pages. bin buffers one output shard (20 MB).
+    # Measured here: 21 MB (safetensors) and 27 MB (bin) for this 106 MB checkpoint; 118 MB without page release.
+    bound = 3 * largest + 8e6 if fmt == "safetensors" else parse_bytes(shard) + 2 * largest + 8e6
+    assert delta < bound, f"peak {delta / 1e6:.1f} MB over baseline exceeds {bound / 1e6:.1f} MB"
+    assert delta < 0.45 * ckpt_bytes
+
+
+def parse_bytes(size: str) -> int:
+    return int(size.removesuffix("MB")) * 10**6
