@@ -260,6 +260,26 @@ def test_commit_failure_is_not_retried_by_the_client(hub, repo):
     assert "x.txt" not in api.list_repo_files(repo)
 
 
+def test_lost_commit_answer_leaves_the_commit_applied(hub, repo):
+    """The case that makes blind commit retries dangerous: the commit landed, the client only saw a reset."""
+    api = _api(hub, "alice")
+    hub.fail_next("commit", times=1, error="drop_answer")
+    with pytest.raises(httpx.TransportError):
+        api.upload_file(repo_id=repo, path_or_fileobj=b"x", path_in_repo="x.txt", commit_message="step 7")
+    assert hub.requests["commit"] == 1 and hub.completed["commit"] == 0
+    assert [c.title for c in api.list_repo_commits(repo)] == ["step 7", "initial commit"]
+
+
+def test_hung_server_answers_nothing_until_it_comes_back(hub, repo):
+    api = _api(hub, "alice")
+    hub.go_down("hang")
+    with pytest.raises(httpx.ReadTimeout):
+        api.repo_info(repo, timeout=0.3)
+    assert not hub.is_up
+    hub.come_up()
+    assert api.repo_info(repo, timeout=5).id == repo
+
+
 def test_server_down_refuses_connections_and_comes_back_with_its_repos(hub, repo):
     api = _api(hub, "alice")
     hub.go_down()
