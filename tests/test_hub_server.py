@@ -206,6 +206,23 @@ def test_range_reads_and_paths_info(hub, repo, model_dir):
     assert (sorted(info), info["w/model.bin"].lfs.sha256) == (["w", "w/model.bin"], hashlib.sha256(data).hexdigest())
 
 
+def test_existence_checks_settings_and_dataset_repos(hub, repo):
+    api, anonymous = _api(hub, "alice"), _api(hub, None)
+    api.upload_file(repo_id=repo, path_or_fileobj=b"{}", path_in_repo="cfg/config.json")
+    api.create_tag(repo, tag="step-5")
+    assert api.file_exists(repo, "cfg/config.json", revision="step-5")
+    assert not api.file_exists(repo, "cfg/missing.json")
+    assert (api.revision_exists(repo, "step-5"), api.revision_exists(repo, "step-6")) == (True, False)
+    assert anonymous.repo_exists(repo)
+    api.update_repo_settings(repo, private=True)  # flipping visibility hides it at once
+    assert not anonymous.repo_exists(repo) and api.repo_info(repo).private
+
+    api.create_repo("alice/rollouts", repo_type="dataset")
+    api.upload_file(repo_id="alice/rollouts", repo_type="dataset", path_or_fileobj=b"1", path_in_repo="a.jsonl")
+    assert api.list_repo_files("alice/rollouts", repo_type="dataset") == [".gitattributes", "a.jsonl"]
+    assert not api.repo_exists("alice/rollouts")  # a dataset is not a model of the same name
+
+
 def test_commit_with_stale_parent_commit_is_rejected(hub, repo):
     api = _api(hub, "alice")
     stale = api.repo_info(repo).sha
