@@ -7,6 +7,7 @@ client's real backoff (1 s, then 2 s ...), so they fail the fewest requests that
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import select
 import subprocess
@@ -23,6 +24,7 @@ from huggingface_hub import (
     snapshot_download,
 )
 from huggingface_hub.errors import (
+    BadRequestError,
     EntryNotFoundError,
     HfHubHTTPError,
     RepositoryNotFoundError,
@@ -267,6 +269,18 @@ def test_connection_reset_mid_lfs_put_is_recovered(hub, repo, model_dir, tmp_pat
     assert _sha256(path) == _sha256(model_dir / "model.bin")
 
 
+def test_lfs_put_whose_bytes_do_not_match_the_announced_sha256_is_rejected(hub, repo):
+    buffer = io.BytesIO(b"\0" * 4096)  # binary: goes through LFS
+    operation = CommitOperationAdd("weights.bin", buffer)  # hashes the buffer now
+    buffer.getbuffer()[:4] = b"evil"  # same size, other bytes: what a corrupted transfer looks like
+    api = _api(hub, "alice")
+    with pytest.raises(RuntimeError, match="Error while uploading 'weights.bin'") as e:  # the client's wrapper
+        api.create_commit(repo, [operation], commit_message="corrupt")
+    assert isinstance(e.value.__cause__, BadRequestError) and "does not match" in str(e.value.__cause__)
+    assert not hub.lfs_stored and hub.requests["commit"] == 0
+    assert "weights.bin" not in api.list_repo_files(repo)
+
+
 def test_commit_failure_is_not_retried_by_the_client(hub, repo):
     """The client never retries a commit POST (a lost answer could mean a duplicate): the uploader must."""
     hub.fail_next("commit", times=1, error=500)
@@ -356,6 +370,7 @@ def test_subprocess_mode_prints_its_url_and_keeps_repos_across_restarts(tmp_path
         api.upload_file(repo_id="dave/persisted", path_or_fileobj=b"kept", path_in_repo="k.txt")
     finally:
         proc.terminate()
+        proc.stdout.close()
         assert proc.wait(timeout=10) == 0
     proc, url = serve()
     try:
@@ -365,4 +380,5 @@ def test_subprocess_mode_prints_its_url_and_keeps_repos_across_restarts(tmp_path
         ]
     finally:
         proc.terminate()
+        proc.stdout.close()
         proc.wait(timeout=10)
