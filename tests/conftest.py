@@ -46,12 +46,17 @@ def hub_server(tmp_path_factory):
     with alice as its member."""
     from tests.hub_server import HubServer
 
-    server = HubServer(
-        tmp_path_factory.mktemp("hub"), HUB_USERS, HUB_ORGS, read_only_tokens=["hf_carol_read_only"], port=HUB_PORT
-    ).start()
+    root = tmp_path_factory.mktemp("hub")
+    server = HubServer(root, HUB_USERS, HUB_ORGS, read_only_tokens=["hf_carol_read_only"], port=HUB_PORT)
+    try:
+        server.start()
+    except OSError:  # the reserved port was taken meanwhile: take any port and repoint everything below
+        server.port = 0
+        server.start()
+    os.environ["HF_ENDPOINT"] = server.url
     from huggingface_hub import constants
 
-    if constants.ENDPOINT != server.url:  # imported before this conftest: point the frozen constants at the server
+    if constants.ENDPOINT != server.url:  # imported too early or port changed: repoint the frozen constants
         constants.ENDPOINT = server.url
         constants.HUGGINGFACE_CO_URL_TEMPLATE = server.url + "/{repo_id}/resolve/{revision}/{filename}"
     yield server

@@ -63,7 +63,7 @@ KINDS = (
     "validate_yaml",
     "other",
 )
-FAULTS = (500, 502, 503, 429, "reset", "reset_mid_body")
+FAULTS = (500, 502, 503, 429, "reset", "reset_mid_body", "drop_answer")
 
 
 class HubServer:
@@ -112,6 +112,7 @@ class HubServer:
         self._lfs_credentials: dict[str, tuple[str, str, int]] = {}  # one-time token in a PUT href -> (repo, sha, size)
         self._lock = threading.Lock()
         self._down = threading.Event()
+        self._hanging = threading.Event()
         self._httpd: HubHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -148,18 +149,31 @@ class HubServer:
             self._thread.join(timeout=5)
             self._thread = None
 
-    def go_down(self) -> None:
-        """Refuse connections (listening socket closed, open ones dropped) until `come_up()`; state is kept."""
-        self.stop()
+    def go_down(self, mode: str = "refuse") -> None:
+        """Go down until `come_up()`; repos are kept.
+
+        Args:
+            mode: "refuse": the listening socket is closed and open connections dropped, so clients get
+                "connection refused" at once. "hang": connections are accepted but no request is answered (each
+                waits until `come_up()` and is then reset), like a wedged server behind a load balancer.
+        """
+        if mode == "refuse":
+            self._hanging.clear()
+            self.stop()
+        elif mode == "hang":
+            self._hanging.set()
+        else:
+            raise ValueError(f"unknown mode {mode!r}; use 'refuse' or 'hang'")
 
     def come_up(self) -> None:
-        """Serve again on the same port after `go_down()`."""
+        """Serve again (on the same port) after `go_down()`."""
+        self._hanging.clear()
         if self._httpd is None:
             self.start()
 
     @property
     def is_up(self) -> bool:
-        return self._httpd is not None
+        return self._httpd is not None and not self._hanging.is_set()
 
     def __enter__(self) -> HubServer:
         return self.start()
@@ -184,7 +198,8 @@ class HubServer:
             times: how many requests to fail.
             error: 500/502/503 (server error), 429 (rate limited, with `Retry-After: retry_after`), "reset" (close
                 the connection without reading the body or answering), "reset_mid_body" (read half of the request
-                body, then reset; for `lfs_put`/`commit`).
+                body, then reset; for `lfs_put`/`commit`), "drop_answer" (serve the request, e.g. apply the commit,
+                then reset instead of answering: the client cannot tell whether it happened).
         """
         if kind != "any" and kind not in KINDS:
             raise ValueError(f"unknown request kind {kind!r}; use one of {KINDS + ('any',)}")

@@ -149,6 +149,8 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         if not self._body_read:  # answer only after the whole request is read, or keep-alive desyncs
             for _ in self._body_chunks():
                 pass
+        if self._drop_answer:  # the request was served; the client never hears about it
+            raise _Reset()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         for key, value in (headers or {}).items():
@@ -165,7 +167,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(obj).encode(), headers)
 
     def _send_error(self, err: HubError) -> None:
-        headers = {"X-Error-Message": err.message, **err.headers}
+        # Header values must be one latin-1 line; the JSON body keeps the message as it is.
+        one_line = err.message.replace("\r", " ").replace("\n", " ").encode("ascii", "backslashreplace").decode()
+        headers = {"X-Error-Message": one_line, **err.headers}
         if err.code:
             headers["X-Error-Code"] = err.code
         self._send_json({"error": err.message}, err.status, headers)
@@ -184,6 +188,12 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         # Split before unquoting: revisions arrive as one segment with their slashes encoded (`refs%2Fpr%2F1`).
         segments = [unquote(s) for s in split.path.split("/")[1:]]
         self._kind, handler, args = self._route(method, segments)
+        self._drop_answer = False
+        if hub._hanging.is_set():  # `go_down("hang")`: never answer; reset once the server comes back or stops
+            hub._count(hub.requests, self._kind)
+            while hub._hanging.is_set() and not hub._down.wait(0.05):
+                pass
+            return self._reset()
         fault = hub._take_fault(self._kind)
         try:
             if fault is not None and fault["error"] == "stall":
@@ -197,6 +207,8 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                     if self._kind == "lfs_put":
                         hub._count_bytes(len(chunk))
                 raise _Reset()
+            elif fault is not None and fault["error"] == "drop_answer":
+                self._drop_answer = True
             elif fault is not None and fault["error"] == 429:
                 retry_after = str(int(fault["retry_after"]))
                 raise HubError(
@@ -208,7 +220,10 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         except _Reset:
             self._reset()
         except HubError as e:
-            self._send_error(e)
+            try:
+                self._send_error(e)
+            except _Reset:  # "drop_answer" also swallows error answers
+                self._reset()
         except (ConnectionError, OSError):
             self.close_connection = True
         except Exception as e:  # a server bug: answer 500 with the reason instead of hanging the client

@@ -7,6 +7,7 @@ client's real backoff (1 s, then 2 s ...), so they fail the fewest requests that
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import select
 import subprocess
@@ -23,6 +24,7 @@ from huggingface_hub import (
     snapshot_download,
 )
 from huggingface_hub.errors import (
+    BadRequestError,
     EntryNotFoundError,
     HfHubHTTPError,
     RepositoryNotFoundError,
@@ -206,6 +208,23 @@ def test_range_reads_and_paths_info(hub, repo, model_dir):
     assert (sorted(info), info["w/model.bin"].lfs.sha256) == (["w", "w/model.bin"], hashlib.sha256(data).hexdigest())
 
 
+def test_existence_checks_settings_and_dataset_repos(hub, repo):
+    api, anonymous = _api(hub, "alice"), _api(hub, None)
+    api.upload_file(repo_id=repo, path_or_fileobj=b"{}", path_in_repo="cfg/config.json")
+    api.create_tag(repo, tag="step-5")
+    assert api.file_exists(repo, "cfg/config.json", revision="step-5")
+    assert not api.file_exists(repo, "cfg/missing.json")
+    assert (api.revision_exists(repo, "step-5"), api.revision_exists(repo, "step-6")) == (True, False)
+    assert anonymous.repo_exists(repo)
+    api.update_repo_settings(repo, private=True)  # flipping visibility hides it at once
+    assert not anonymous.repo_exists(repo) and api.repo_info(repo).private
+
+    api.create_repo("alice/rollouts", repo_type="dataset")
+    api.upload_file(repo_id="alice/rollouts", repo_type="dataset", path_or_fileobj=b"1", path_in_repo="a.jsonl")
+    assert api.list_repo_files("alice/rollouts", repo_type="dataset") == [".gitattributes", "a.jsonl"]
+    assert not api.repo_exists("alice/rollouts")  # a dataset is not a model of the same name
+
+
 def test_commit_with_stale_parent_commit_is_rejected(hub, repo):
     api = _api(hub, "alice")
     stale = api.repo_info(repo).sha
@@ -250,6 +269,18 @@ def test_connection_reset_mid_lfs_put_is_recovered(hub, repo, model_dir, tmp_pat
     assert _sha256(path) == _sha256(model_dir / "model.bin")
 
 
+def test_lfs_put_whose_bytes_do_not_match_the_announced_sha256_is_rejected(hub, repo):
+    buffer = io.BytesIO(b"\0" * 4096)  # binary: goes through LFS
+    operation = CommitOperationAdd("weights.bin", buffer)  # hashes the buffer now
+    buffer.getbuffer()[:4] = b"evil"  # same size, other bytes: what a corrupted transfer looks like
+    api = _api(hub, "alice")
+    with pytest.raises(RuntimeError, match="Error while uploading 'weights.bin'") as e:  # the client's wrapper
+        api.create_commit(repo, [operation], commit_message="corrupt")
+    assert isinstance(e.value.__cause__, BadRequestError) and "does not match" in str(e.value.__cause__)
+    assert not hub.lfs_stored and hub.requests["commit"] == 0
+    assert "weights.bin" not in api.list_repo_files(repo)
+
+
 def test_commit_failure_is_not_retried_by_the_client(hub, repo):
     """The client never retries a commit POST (a lost answer could mean a duplicate): the uploader must."""
     hub.fail_next("commit", times=1, error=500)
@@ -258,6 +289,26 @@ def test_commit_failure_is_not_retried_by_the_client(hub, repo):
         api.upload_file(repo_id=repo, path_or_fileobj=b"x", path_in_repo="x.txt")
     assert e.value.response.status_code == 500 and hub.requests["commit"] == 1
     assert "x.txt" not in api.list_repo_files(repo)
+
+
+def test_lost_commit_answer_leaves_the_commit_applied(hub, repo):
+    """The case that makes blind commit retries dangerous: the commit landed, the client only saw a reset."""
+    api = _api(hub, "alice")
+    hub.fail_next("commit", times=1, error="drop_answer")
+    with pytest.raises(httpx.TransportError):
+        api.upload_file(repo_id=repo, path_or_fileobj=b"x", path_in_repo="x.txt", commit_message="step 7")
+    assert hub.requests["commit"] == 1 and hub.completed["commit"] == 0
+    assert [c.title for c in api.list_repo_commits(repo)] == ["step 7", "initial commit"]
+
+
+def test_hung_server_answers_nothing_until_it_comes_back(hub, repo):
+    api = _api(hub, "alice")
+    hub.go_down("hang")
+    with pytest.raises(httpx.ReadTimeout):
+        api.repo_info(repo, timeout=0.3)
+    assert not hub.is_up
+    hub.come_up()
+    assert api.repo_info(repo, timeout=5).id == repo
 
 
 def test_server_down_refuses_connections_and_comes_back_with_its_repos(hub, repo):
@@ -319,6 +370,7 @@ def test_subprocess_mode_prints_its_url_and_keeps_repos_across_restarts(tmp_path
         api.upload_file(repo_id="dave/persisted", path_or_fileobj=b"kept", path_in_repo="k.txt")
     finally:
         proc.terminate()
+        proc.stdout.close()
         assert proc.wait(timeout=10) == 0
     proc, url = serve()
     try:
@@ -328,4 +380,5 @@ def test_subprocess_mode_prints_its_url_and_keeps_repos_across_restarts(tmp_path
         ]
     finally:
         proc.terminate()
+        proc.stdout.close()
         proc.wait(timeout=10)
