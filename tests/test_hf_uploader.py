@@ -199,17 +199,16 @@ def test_connection_reset_mid_lfs_put_is_recovered(hub, run_copy):
 def test_lost_commit_answer_is_not_committed_twice(hub, run_copy):
     from huggingface_hub import HfApi
 
-    from tests.hub_server import FAULTS
-
-    if "drop_answer" not in FAULTS:
-        pytest.skip("this hub server has no 'drop_answer' fault yet")
     hub.fail_next("commit", times=1, error="drop_answer")  # the commit lands, its answer is lost
+    hub.fail_next("tag", times=1, error="drop_answer")  # so does the tag's
     res = HuggingFaceUploader("alice/lost-answer", private=True, token=ALICE, **FAST).upload_from_checkpoint_dir(
         run_copy / "global_step_2")
     commits = HfApi(token=ALICE).list_repo_commits("alice/lost-answer")
     assert [c.title for c in commits] == ["Upload step 2", "initial commit"]  # not committed twice
     assert commits[0].commit_id == res.commit_sha and hub.requests["commit"] == 1
     assert set(hub.lfs_stored.values()) == {1}
+    tags = HfApi(token=ALICE).list_repo_refs("alice/lost-answer").tags
+    assert [(t.name, t.target_commit) for t in tags] == [("step-2", res.commit_sha)]
 
 
 def test_server_down_leaves_pending_marker_then_resume_completes(hub, run_copy, reference, tmp_path, monkeypatch):
