@@ -261,3 +261,19 @@ def test_token_never_leaks_into_logs_marker_card_or_commits(hub, run_copy, caplo
     texts += [out, err, caplog.text] + [str(r.args) for r in caplog.records]
     assert any("step 2 by ***" in t for t in texts)  # the commit message was redacted, not dropped
     assert [i for i, t in enumerate(texts) if secret in t] == []
+
+
+def test_background_uploads_from_the_uploader_never_drop_the_final_one(hub, run_copy):
+    from huggingface_hub import HfApi
+
+    shutil.copytree(run_copy / "global_step_2", run_copy / "global_step_3")
+    up = HuggingFaceUploader("alice/background", private=True, token=ALICE, **FAST)
+    up.preflight()
+    bg = up.background()
+    first = bg.submit(run_copy / "global_step_2", 2)
+    jobs = bg.finish(run_copy / "global_step_3", 3, timeout=120)
+    assert jobs[-1].state == "done" and jobs[-1].result.tag == "step-3"
+    tags = {t.name for t in HfApi(token=ALICE).list_repo_refs("alice/background").tags}
+    # step 2 is either uploaded (it started before step 3 arrived) or replaced by it - never lost silently
+    assert tags == {"step-3"} | ({"step-2"} if first.state == "done" else set())
+    assert first.state in ("done", "replaced")

@@ -176,3 +176,13 @@ def test_background_uploader_records_failures_and_keeps_going(tmp_path):
     bg.finish(tmp_path / "global_step_14", 14, timeout=10)
     assert failed.state == "failed" and "13 failed" in str(failed.error)
     assert gate.done == [14]
+
+
+@pytest.mark.parametrize("module", ["utils.hf_uploader", "utils.hub_errors", "utils.hub_push", "utils.model_card",
+                                    "utils.upload_state"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
