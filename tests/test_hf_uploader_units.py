@@ -114,6 +114,9 @@ def test_model_card_metadata_and_marker():
     assert is_generated_card(text) and is_generated_card(None)
     assert not is_generated_card(text.replace("step 300", "step 300, my notes"))  # edited by a person
     assert not is_generated_card("# My model\nhand written")
+    local = render_model_card(CardInfo(repo_id="a/m", step=1, revision="step-1", base_model="/data/models/qwen"))
+    assert "base_model" not in ModelCard(local).data.to_dict()  # a local path is not valid Hub metadata
+    assert "| base model | /data/models/qwen |" in local
 
 
 def test_redact_hides_token_and_hf_looking_words():

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--format", dest="weights_format", default=None, choices=["bin", "safetensors"])
     vf.add_argument("--dtype", default=None)
     vf.add_argument("--no-load", dest="load", action="store_false", help="skip the transformers load check")
+    for sp in (up, bf, rs, vf):  # accepted after the sub-command too
+        sp.add_argument("--endpoint", default=argparse.SUPPRESS, help="Hub URL (default: HF_ENDPOINT)")
     return p
 
 

@@ -189,7 +189,7 @@ class HubClient:
                 "(hf_upload.token in the config). The token needs the 'write' role."
             )
         try:
-            return self.api.whoami()
+            return self._read(self.api.whoami)
         except HfHubHTTPError as e:
             if e.response is not None and e.response.status_code == 401:
                 raise InvalidTokenError(
@@ -239,7 +239,7 @@ class HubClient:
             )
         created = False
         try:
-            info = self.api.repo_info(repo_id)
+            info = self._read(lambda: self.api.repo_info(repo_id))
             is_private = bool(info.private)
             url = f"{self.endpoint}/{repo_id}"
         except RepositoryNotFoundError:
@@ -255,6 +255,8 @@ class HubClient:
                     ) from None
                 raise HubUnreachableError(self.redact(f"create_repo('{repo_id}') failed: {e}")) from None
             is_private, created = private, True
+        except HfHubHTTPError as e:  # after retries: a server-side failure, not something the user can fix here
+            raise HubUnreachableError(self.redact(f"repo_info('{repo_id}') failed at {self.endpoint}: {e}")) from None
         except (httpx.TransportError, OSError) as e:
             raise HubUnreachableError(
                 f"Cannot reach the Hub at {self.endpoint} ({type(e).__name__}). Check the network and HF_ENDPOINT."

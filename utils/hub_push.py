@@ -198,8 +198,20 @@ def execute_push(client: HubClient, plan: PushPlan, *, message: str, description
         client.create_branch(plan.repo_id, plan.branch, plan.base_commit)
     try:
         files = [f for f, _ in plan.files]
-        commit = client.commit(plan.repo_id, files, deletions=plan.deletions, branch=plan.branch, message=message,
-                               description=description, parent_commit=plan.base_commit)
+        try:
+            commit = client.commit(plan.repo_id, files, deletions=plan.deletions, branch=plan.branch,
+                                   message=message, description=description, parent_commit=plan.base_commit)
+        except ValueError as e:  # the client validates README metadata first (nothing is uploaded yet)
+            if plan.readme != "generated" or "README" not in str(e):
+                raise
+            # A rejected card must not cost the weights (transformers #28137): push them without it.
+            logger.warning("The Hub rejected the generated model card (%s); uploading without README.md",
+                           str(e).splitlines()[0])
+            plan.files = [(f, st) for f, st in plan.files if Path(f.path_in_repo).name != README]
+            plan.readme = "rejected"
+            commit = client.commit(plan.repo_id, [f for f, _ in plan.files], deletions=plan.deletions,
+                                   branch=plan.branch, message=message, description=description,
+                                   parent_commit=plan.base_commit)
         client.tag(plan.repo_id, plan.tag, commit, message=message)
     finally:
         if temporary:

@@ -99,7 +99,7 @@ def render_model_card(info: CardInfo) -> str:
     tags = list(BASE_TAGS) + [f"reasoning-gym-{name}" for name in sorted(info.datasets or {})]
     metrics = {k: float(v) for k, v in (info.metrics or {}).items() if isinstance(v, int | float)}
     data = ModelCardData(
-        base_model=info.base_model,
+        base_model=_hub_model_id(info.base_model),
         library_name="transformers",
         pipeline_tag="text-generation",
         tags=tags,
@@ -152,6 +152,20 @@ def render_model_card(info: CardInfo) -> str:
         lines += [f"| {name} | {value:.4g} |" for name, value in sorted(metrics.items())]
     text = "\n".join(lines) + "\n"
     return text.replace(_PLACEHOLDER, f"{CARD_MARKER} sha256:{_digest(text)} -->")
+
+
+def _hub_model_id(name: str | None) -> str | None:
+    """``name`` if it can be a Hub model id (metadata ``base_model`` must be one, or the Hub rejects the card)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not name or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
 
 
 def is_generated_card(text: str | None) -> bool:
