@@ -189,3 +189,23 @@ def test_docstring_examples_run(module):
 
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_staging_space_is_checked_before_consolidating(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from utils.hf_uploader import check_staging_space
+    from utils.hub_errors import StagingSpaceError
+
+    actor = tmp_path / "global_step_1" / "actor"
+    actor.mkdir(parents=True)
+    for r in range(2):
+        (actor / f"model_world_size_2_rank_{r}.pt").write_bytes(b"x" * 1000)
+        (actor / f"optim_world_size_2_rank_{r}.pt").write_bytes(b"x" * 3000)
+    assert check_staging_space(actor.parent, tmp_path) == 2000
+    assert check_staging_space(actor.parent, tmp_path, include_optimizer=True) == 8000
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**4, 10**4 - 5000, 5000))  # a nearly full disk
+    with pytest.raises(StagingSpaceError, match=r"needs up to 0.0 GB in .* Free space there, or pass staging_dir"):
+        check_staging_space(actor.parent, tmp_path, include_optimizer=True)

@@ -35,6 +35,7 @@ from utils.hub_errors import (
     InvalidRepoIdError,
     InvalidUploadConfigError,
     MissingRepoIdError,
+    StagingSpaceError,
     StepNotFoundError,
     TagConflictError,
     UploadFailedError,
@@ -56,6 +57,7 @@ __all__ = [
     "BackfillRow",
     "upload_checkpoint_to_hf",
     "resume_pending",
+    "check_staging_space",
     "resolve_repo_id",
     "validate_optimizer_save_mode",
     "VALID_OPTIMIZER_SAVE_MODES",
@@ -308,6 +310,7 @@ class HuggingFaceUploader:
         step_dir = _step_dir_of(checkpoint_dir)
         self.preflight()
         with step_lock(step_dir):
+            check_staging_space(checkpoint_dir, self.staging_dir, include_optimizer=self.include_optimizer)
             staging = Path(tempfile.mkdtemp(prefix=f"hf_upload_step{step}_", dir=self.staging_dir))
             try:
                 consolidation = self._consolidate(checkpoint_dir, staging / "model", step, model_name)
@@ -545,6 +548,32 @@ def resume_pending(
         except Exception as e:  # noqa: BLE001 - reported per marker
             out.append((step_dir, e))
     return out
+
+
+def check_staging_space(checkpoint_dir: str | Path, staging_dir: str | Path | None, *,
+                        include_optimizer: bool = False) -> int:
+    """Fail before consolidating when the staging filesystem cannot hold the consolidated model.
+
+    The estimate is an upper bound: the model rank files' total size (the merged weights are at most that: same
+    dtype or smaller), plus the optimizer rank files when ``optimizer.pt`` is written.
+
+    Returns:
+        The estimate in bytes.
+
+    Raises:
+        StagingSpaceError: less free space than the estimate.
+    """
+    root = Path(checkpoint_dir)
+    patterns = ["model_world_size_*_rank_*.pt"] + (["optim_world_size_*_rank_*.pt"] if include_optimizer else [])
+    need = sum(f.stat().st_size for pattern in patterns for f in root.rglob(pattern))
+    where = Path(staging_dir) if staging_dir else Path(tempfile.gettempdir())
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise StagingSpaceError(
+            f"Consolidating {root} needs up to {need / 1e9:.1f} GB in {where}, which has {free / 1e9:.1f} GB free. "
+            "Free space there, or pass staging_dir=... (CLI --staging-dir, or TMPDIR) on a larger disk."
+        )
+    return need
 
 
 def _step_dir_of(checkpoint_dir: Path) -> Path:

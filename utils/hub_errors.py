@@ -21,6 +21,7 @@ __all__ = [
     "HubUnreachableError",
     "TagConflictError",
     "UploadFailedError",
+    "StagingSpaceError",
     "UploadInProgressError",
     "PendingUploadError",
     "VerificationError",
@@ -82,6 +83,10 @@ class UploadFailedError(HubUploadError, RuntimeError):
     def __init__(self, message: str, *, pending_marker: str | None = None):
         super().__init__(message)
         self.pending_marker = pending_marker
+
+
+class StagingSpaceError(HubUploadError, OSError):
+    """The temporary folder for the consolidated model lacks the free space the checkpoint needs."""
 
 
 class UploadInProgressError(HubUploadError, BlockingIOError):
