@@ -439,12 +439,16 @@ def local_files(folder: Path, *, prefix: str = "", extra: Mapping[str, bytes] | 
     Returns:
         Sorted list of :class:`LocalFile`.
     """
-    out = []
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            # CommitOperationAdd hashes the file (sha256, streamed) on creation; reuse that hash and the operation.
-            op = CommitOperationAdd(_join(prefix, p.relative_to(folder).as_posix()), str(p))
-            out.append(LocalFile(op.path_in_repo, p, op.upload_info.size, op.upload_info.sha256.hex(), first_op=[op]))
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = [p for p in sorted(folder.rglob("*")) if p.is_file()]
+    ops = [CommitOperationAdd(_join(prefix, p.relative_to(folder).as_posix()), str(p)) for p in paths]
+    # The operation hashes its file lazily (sha256, streamed) and keeps the hash: hash every shard in parallel
+    # (hashlib releases the GIL), as the client itself would, then hand these operations to the first commit.
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(ops)))) as pool:
+        digests = list(pool.map(lambda op: op.upload_info.sha256.hex(), ops))
+    out = [LocalFile(op.path_in_repo, p, op.upload_info.size, digest, first_op=[op])
+           for p, op, digest in zip(paths, ops, digests, strict=True)]
     for rel, data in (extra or {}).items():
         out.append(LocalFile(_join(prefix, rel), None, len(data), hashlib.sha256(data).hexdigest(), content=data))
     return sorted(out, key=lambda f: f.path_in_repo)
