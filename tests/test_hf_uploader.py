@@ -277,3 +277,25 @@ def test_background_uploads_from_the_uploader_never_drop_the_final_one(hub, run_
     # step 2 is either uploaded (it started before step 3 arrived) or replaced by it - never lost silently
     assert tags == {"step-3"} | ({"step-2"} if first.state == "done" else set())
     assert first.state in ("done", "replaced")
+
+
+def test_two_namespaces_in_one_repo_stay_independent(hub, run_copy, reference):
+    """Issue 5's layout: each experiment in its own subfolder with its own `<namespace>-step-N` tags."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    for ns in ("exp-a", "exp-b"):
+        HuggingFaceUploader("alice/shared", private=True, namespace=ns, token=ALICE, **FAST).upload_from_checkpoint_dir(
+            run_copy / "global_step_2")
+    shutil.copytree(run_copy / "global_step_2", run_copy / "global_step_5")
+    HuggingFaceUploader("alice/shared", private=True, namespace="exp-a", weights_format="safetensors", token=ALICE,
+                        **FAST).upload_from_checkpoint_dir(run_copy / "global_step_5")
+    api = HfApi(token=ALICE)
+    assert sorted(t.name for t in api.list_repo_refs("alice/shared").tags) == ["exp-a-step-2", "exp-a-step-5",
+                                                                               "exp-b-step-2"]
+    files = set(api.list_repo_files("alice/shared"))
+    assert {"exp-a/model.safetensors", "exp-b/pytorch_model.bin", "exp-a/README.md", "exp-b/README.md"} <= files
+    assert "exp-a/pytorch_model.bin" not in files  # replaced within exp-a only
+    card = Path(hf_hub_download("alice/shared", "exp-a/README.md", token=ALICE)).read_text()
+    assert 'revision="exp-a-step-5", subfolder="exp-a")' in card
+    got = hf_hub_download("alice/shared", "exp-b/pytorch_model.bin", revision="exp-a-step-5", token=ALICE)
+    assert _sha256(Path(got)) == _sha256(reference / "pytorch_model.bin")

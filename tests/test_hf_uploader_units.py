@@ -82,7 +82,7 @@ def test_step_inferred_from_global_step_dir(tmp_path):
 
 def test_tags_and_managed_files():
     assert tag_for_step(100) == "step-100"
-    assert tag_for_step(100, "exp-a/") == "exp-a/step-100"
+    assert tag_for_step(100, "exp-a/") == "exp-a-step-100"
     assert _is_managed("pytorch_model-00001-of-00002.bin", "")
     assert _is_managed("model.safetensors.index.json", "")
     assert not _is_managed("LICENSE", "") and not _is_managed("exp-a/model.safetensors", "")

@@ -190,7 +190,7 @@ class HuggingFaceUploader:
         strategy: ``end``, ``every_save`` or ``checkpoint`` (``checkpoint`` also uploads ``optimizer.pt``).
         model_card: Generate ``README.md`` (a hand-written one on the Hub is always kept).
         card_info: Extra card facts: ``base_model``, ``datasets`` (``{task: weight}``), ``extra`` (table rows).
-        namespace: Subfolder of the repo for this experiment (tags become ``<namespace>/step-N``).
+        namespace: Subfolder of the repo for this experiment (tags become ``<namespace>-step-N``).
         staging_dir: Where temporary consolidation folders go (default: the system temp dir, ``TMPDIR``).
         max_attempts, retry_base_delay: Outer retry of whole commits (see :class:`utils.hub_client.HubClient`).
         write_pending_marker: Leave ``upload_pending.json`` in the step directory when an upload fails.
@@ -385,6 +385,7 @@ class HuggingFaceUploader:
         def render() -> str:
             return render_model_card(CardInfo(
                 repo_id=self.repo_id, step=step, revision=tag_for_step(step, self.namespace),
+                subfolder=self.namespace or None,
                 base_model=self.card_info.get("base_model") or (str(base_model) if base_model else None),
                 dtype=getattr(consolidation, "dtype", None) or (None if self.dtype == "auto" else self.dtype),
                 world_size=getattr(consolidation, "world_size", None), weights_format=self.weights_format,

@@ -3,7 +3,7 @@
 The rules (see DESIGN.md, "Hub"):
 - ``main`` holds the newest step at its root; a step older than the newest one already tagged is committed on a
   short-lived branch (from ``main``), tagged, and the branch deleted, so ``main`` never goes back in time;
-- every upload is tagged ``step-N`` (``<namespace>/step-N`` with a namespace, for issue 5);
+- every upload is tagged ``step-N`` (``<namespace>-step-N`` with a namespace, for issue 5);
 - weight files of an earlier upload that the new one does not have (e.g. bin -> safetensors, fewer shards) are
   deleted in the same commit; other files someone added by hand are left alone;
 - ``README.md`` is (re)generated only when the remote one is absent or is an unedited card of ours;
@@ -36,18 +36,21 @@ README = "README.md"
 
 
 def tag_for_step(step: int, namespace: str = "") -> str:
-    """The tag of one upload: ``step-N``, or ``<namespace>/step-N`` inside a namespace.
+    """The tag of one upload: ``step-N``, or ``<namespace>-step-N`` inside a namespace.
+
+    No ``/`` in tags: git allows it, but Hub-compatible servers may not, and a tag that looks like a path is easy to
+    mistake for a file in the repo; a nested namespace ``team/exp`` becomes ``team-exp-step-N``.
 
     Example:
-        >>> tag_for_step(300), tag_for_step(300, "exp-a")
-        ('step-300', 'exp-a/step-300')
+        >>> tag_for_step(300), tag_for_step(300, "exp-a"), tag_for_step(7, "team/exp-b/")
+        ('step-300', 'exp-a-step-300', 'team-exp-b-step-7')
     """
-    ns = namespace.strip("/")
-    return f"{ns}/step-{int(step)}" if ns else f"step-{int(step)}"
+    ns = namespace.strip("/").replace("/", "-")
+    return f"{ns}-step-{int(step)}" if ns else f"step-{int(step)}"
 
 
 def _step_of_tag(tag: str, namespace: str) -> int | None:
-    prefix = tag_for_step(0, namespace)[:-1]  # "step-" or "ns/step-"
+    prefix = tag_for_step(0, namespace)[:-1]  # "step-" or "ns-step-"
     rest = tag[len(prefix):] if tag.startswith(prefix) else ""
     return int(rest) if rest.isdigit() else None
 
@@ -155,7 +158,7 @@ def plan_push(
 
     newest = max((s for t in tags if (s := _step_of_tag(t, namespace)) is not None), default=None)
     main_head = branches.get("main")
-    branch = "main" if newest is None or step >= newest else f"upload-{tag.replace('/', '-')}"
+    branch = "main" if newest is None or step >= newest else f"upload-{tag}"
     remote = client.tree(repo_id, main_head, prefix=namespace) if main_head else {}
     plan = PushPlan(repo_id, step, tag, branch, main_head)
     readme_path = f"{namespace.strip('/')}/{README}" if namespace.strip("/") else README

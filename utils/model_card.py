@@ -41,6 +41,7 @@ class CardInfo:
         datasets: reasoning-gym tasks and their sampling weights, e.g. ``{"spell_backward": 0.33}``.
         optimizer: Whether ``optimizer.pt`` is part of the upload.
         extra: More ``key: value`` pairs for the details table (git SHA, W&B link, global batch, ...).
+        subfolder: The repo subfolder holding the model (an experiment namespace), if any.
     """
 
     repo_id: str
@@ -54,6 +55,7 @@ class CardInfo:
     datasets: Mapping[str, float] | None = None
     optimizer: bool = False
     extra: Mapping[str, object] = field(default_factory=dict)
+    subfolder: str | None = None
 
 
 def framework_versions() -> dict[str, str]:
@@ -110,6 +112,7 @@ def render_model_card(info: CardInfo) -> str:
         metrics=metrics or None,
     )
     versions = framework_versions()
+    sub = f', subfolder="{info.subfolder}"' if info.subfolder else ""
     rows = [("step", info.step), ("revision", f"`{info.revision}`"), ("base model", info.base_model),
             ("dtype", info.dtype), ("world size (ranks)", info.world_size), ("weights", info.weights_format),
             ("optimizer state", "`optimizer.pt` (keyed by parameter name)" if info.optimizer else None)]
@@ -134,8 +137,8 @@ def render_model_card(info: CardInfo) -> str:
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        f'model = AutoModelForCausalLM.from_pretrained("{info.repo_id}", revision="{info.revision}")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{info.repo_id}", revision="{info.revision}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{info.repo_id}", revision="{info.revision}"{sub})',
+        f'tokenizer = AutoTokenizer.from_pretrained("{info.repo_id}", revision="{info.revision}"{sub})',
         "```",
         "",
         "## Training details",
