@@ -25,6 +25,7 @@ import os  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from concurrent.futures import Future, ThreadPoolExecutor  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
 import torch  # noqa: E402
@@ -165,9 +166,18 @@ def _write_weights(shards: RankShards, plan: ShardPlan, tmp: Path, weights_forma
         for name, keys in plan.files.items():
             if weights_format == "safetensors":
                 entries = [(k, shards.spec(k).shape, dtypes[k]) for k in keys]
-                with SafetensorsStreamWriter(tmp / name, entries) as writer:
+                # Writing tensor i (a syscall that releases the GIL) overlaps assembling tensor i+1: at most two
+                # tensors are alive, and the file still receives them strictly in header order.
+                with SafetensorsStreamWriter(tmp / name, entries) as writer, ThreadPoolExecutor(1) as pool:
+                    pending: Future[int] | None = None
                     for k in keys:
-                        bar.update(writer.write(k, shards.assemble(k, dtypes[k])))
+                        tensor = shards.assemble(k, dtypes[k])
+                        if pending is not None:
+                            bar.update(pending.result())
+                        pending = pool.submit(writer.write, k, tensor)
+                        del tensor
+                    if pending is not None:
+                        bar.update(pending.result())
             else:
                 # torch.save needs the whole shard's dict at once: peak = one output shard (+ the tensor in flight).
                 buf = {}
@@ -271,6 +281,10 @@ def consolidate_checkpoint(
                 len(plan.files), weights_format, plan.total_size / 1e9, out_dtype)
 
     tmp = _make_temp_dir(out_dir)
+    # One intra-op thread: the copy/cast is memory-bound, and the overlap comes from the writer thread. Measured on
+    # 2 shared cores (Qwen2.5-1.5B, W=8): OpenMP workers spinning beside the writer made the merge 1.3-2x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         _write_weights(shards, plan, tmp, weights_format, dtypes, progress)
         write_index(tmp, plan)
@@ -288,6 +302,8 @@ def consolidate_checkpoint(
     except BaseException:  # Ctrl-C included: leave nothing behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        torch.set_num_threads(threads)
     weight_files = list(plan.files) + ([plan.index_name] if plan.index_name else [])
     return ConsolidationResult(
         out_dir=out_dir,

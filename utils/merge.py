@@ -3,7 +3,7 @@
 Every rank file is a ``torch.save``'d state dict whose values are DTensors (FSDP2) or plain tensors (old veRL
 at W=1, buffers). We open the files with ``torch.load(mmap=True, weights_only=True)``: only the pickled metadata
 is parsed; tensor bytes stay on disk until a tensor is assembled, and the pages are handed back to the kernel right
-after (see :func:`release_pages`), so resident memory stays near one full tensor whatever the checkpoint size.
+after (see :class:`MappedFiles`), so resident memory stays near one full tensor whatever the checkpoint size.
 
 Where each local shard goes is computed from its own DTensor metadata - mesh, placements and *its* local shape -
 never from an assumption of equal chunks, because FSDP2 shards with ``torch.chunk`` semantics (uneven last chunk,
@@ -17,8 +17,9 @@ import ctypes.util
 import itertools
 import logging
 import mmap
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from utils.errors import (
     UnsupportedPlacementError,
 )
 
-__all__ = ["TensorSpec", "load_rank_file", "tensor_spec", "assemble", "release_pages", "RankShards"]
+__all__ = ["TensorSpec", "load_rank_file", "tensor_spec", "assemble", "MappedFiles", "RankShards"]
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,8 @@ def _rank_coordinates(key: str, mesh: torch.Tensor, world_size: int, path: Path)
     return coords
 
 
-def _assemble_dtensor(key: str, values: Sequence[Any], files: Sequence[Path], out: torch.Tensor) -> None:
+def _assemble_dtensor(key: str, values: Sequence[Any], files: Sequence[Path], out: torch.Tensor,
+                      release: Callable[[torch.Tensor], None] | None) -> None:
     ref: DTensor = values[0]
     coords = _rank_coordinates(key, ref.device_mesh.mesh, len(values), files[0])
     by_coord = {c: r for r, c in coords.items()}
@@ -142,6 +144,8 @@ def _assemble_dtensor(key: str, values: Sequence[Any], files: Sequence[Path], ou
                 f"{key}: local shard of rank {r} ({files[r]}) has shape {tuple(local.shape)}, which does not fit the "
                 f"full shape {full} with placements {ref.placements}.")
         out[tuple(index)].copy_(local)
+        if release is not None:  # this rank's slice is copied: its source pages can go now, not after the tensor
+            release(local)
     origin = (0,) * ref.device_mesh.mesh.ndim
     for mesh_dim, d in shard_of.items():
         total = sum(local_size(origin, mesh_dim, j) for j in range(ref.device_mesh.mesh.shape[mesh_dim]))
@@ -152,7 +156,11 @@ def _assemble_dtensor(key: str, values: Sequence[Any], files: Sequence[Path], ou
 
 
 def assemble(
-    key: str, values: Sequence[Any], files: Sequence[Path], dtype: torch.dtype | None = None
+    key: str,
+    values: Sequence[Any],
+    files: Sequence[Path],
+    dtype: torch.dtype | None = None,
+    release: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Assemble the full tensor of ``key`` from every rank's value.
 
@@ -161,6 +169,7 @@ def assemble(
         values: rank r's value at index r (a DTensor, or a plain tensor that must be replicated).
         files: rank r's file at index r, used in error messages.
         dtype: the dtype of the result (the conversion happens while copying, no second copy); default: stored.
+        release: called with each local shard once it is copied (e.g. :meth:`MappedFiles.release`).
 
     Returns:
         A new contiguous CPU tensor of the full shape.
@@ -175,7 +184,7 @@ def assemble(
     spec = tensor_spec(key, values, files)
     out = torch.empty(spec.shape, dtype=dtype or spec.dtype)
     if isinstance(values[0], DTensor):
-        _assemble_dtensor(key, values, files, out)
+        _assemble_dtensor(key, values, files, out, release)
         return out
     first = values[0]
     for r, v in enumerate(values[1:], start=1):
@@ -184,29 +193,53 @@ def assemble(
                 f"{key}: a plain (non-DTensor) tensor must be identical on every rank, but rank {r} ({files[r]}) "
                 "differs from rank 0. It may be a per-rank value that cannot be merged; drop it or save it as DTensor.")
     out.copy_(first)
+    if release is not None:
+        for v in values:
+            release(v)
     return out
 
 
 # --- page release -------------------------------------------------------------------------------------------------
-# torch keeps the whole rank file mapped for as long as any tensor loaded from it lives, and every page we touch stays
-# resident (and counted in RSS) until unmapped. madvise(MADV_DONTNEED) on a clean, file-backed mapping drops those
-# pages; a later access simply re-reads them from the page cache. Hand-written because neither torch nor Python
-# expose it for torch's own mappings. Only full pages strictly inside the tensor's storage are released.
+# torch keeps a rank file mapped for as long as any tensor loaded from it lives, and every page we touch stays resident
+# (and counted in RSS) until unmapped. madvise(MADV_DONTNEED) on a clean, file-backed mapping drops those pages; a
+# later access simply re-reads them from the page cache. Hand-written because neither torch nor Python expose it for
+# torch's own mappings. On anonymous memory MADV_DONTNEED would *zero* the data, so pages are only released inside
+# address ranges that /proc/self/maps shows as mappings of the rank files themselves.
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform.startswith("linux") else None
 _MADV_DONTNEED = 4
 _PAGE = mmap.PAGESIZE
 
 
-def release_pages(t: torch.Tensor) -> None:
-    """Give back the resident pages of a tensor that was loaded with ``mmap=True`` (a no-op off Linux)."""
-    if _LIBC is None:
-        return
-    local = t.to_local() if isinstance(t, DTensor) else t
-    storage = local.untyped_storage()
-    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
-    lo, hi = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
-    if hi > lo:
-        _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+class MappedFiles:
+    """The address ranges at which rank files are memory-mapped; releases resident pages inside them only."""
+
+    def __init__(self) -> None:
+        self._ranges: list[tuple[int, int]] = []
+
+    def register(self, path: Path) -> None:
+        """Record where ``path`` is mapped (call after ``torch.load(path, mmap=True)``). No-op off Linux."""
+        if _LIBC is None:
+            return
+        target = os.path.realpath(path)
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].rstrip("\n") == target:
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    self._ranges.append((lo, hi))
+
+    def release(self, t: torch.Tensor) -> None:
+        """Give back the resident pages of ``t``'s storage if it lies in a registered file mapping."""
+        if _LIBC is None:
+            return
+        local = t.to_local() if isinstance(t, DTensor) else t
+        storage = local.untyped_storage()
+        start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+        if not any(lo <= start and end <= hi for lo, hi in self._ranges):
+            return
+        lo, hi = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE  # whole pages inside the storage only
+        if hi > lo:
+            _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
 
 
 class RankShards:
@@ -223,8 +256,10 @@ class RankShards:
     def __init__(self, files: Sequence[Path]):
         self.files = list(files)
         self.state_dicts: list[dict[str, Any]] = []
+        self.mapped = MappedFiles()
         for f in self.files:
             sd = load_rank_file(f)
+            self.mapped.register(f)
             if not isinstance(sd, dict) or not all(isinstance(k, str) for k in sd):
                 raise CorruptShardError(f"{f}: expected a model state dict (str -> tensor), found {type(sd).__name__}")
             self.state_dicts.append(sd)
@@ -256,9 +291,4 @@ class RankShards:
         return out
 
     def assemble(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        values = self.values(key)
-        try:
-            return assemble(key, values, self.files, dtype)
-        finally:
-            for v in values:
-                release_pages(v)
+        return assemble(key, self.values(key), self.files, dtype, release=self.mapped.release)

@@ -22,7 +22,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from utils.errors import CorruptShardError, FSDP1OptimizerError, OptimizerMismatchError
-from utils.merge import assemble, load_rank_file, release_pages
+from utils.merge import MappedFiles, assemble, load_rank_file
 
 __all__ = ["consolidate_optimizer"]
 
@@ -32,10 +32,11 @@ _FSDP1_HELP = ("FSDP1 keeps optimizer state per *flat parameter* (all of a wrapp
                "portable optimizer state, or consolidate without --optimizer.")
 
 
-def _load_optim(files: Sequence[Path]) -> list[dict[str, Any]]:
+def _load_optim(files: Sequence[Path], mapped: MappedFiles) -> list[dict[str, Any]]:
     out = []
     for f in files:
         sd = load_rank_file(f)
+        mapped.register(f)
         if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
             raise CorruptShardError(f"{f}: expected an optimizer state dict with 'state' and 'param_groups'")
         out.append(sd)
@@ -73,7 +74,8 @@ def consolidate_optimizer(
     """
     if fsdp_version == 1:
         raise FSDP1OptimizerError(f"{files[0].parent}/fsdp_config.json says FSDP_version=1. {_FSDP1_HELP}")
-    ranks = _load_optim(files)
+    mapped = MappedFiles()
+    ranks = _load_optim(files, mapped)
     groups = ranks[0]["param_groups"]
     ids = [i for g in groups for i in g["params"]]
     if sorted(ids) != list(range(len(param_names))):
@@ -97,9 +99,7 @@ def consolidate_optimizer(
                 values = [r["state"][pid][k] for r in ranks]
             except KeyError as e:
                 raise OptimizerMismatchError(f"{label}: missing on some ranks; the files are not one save") from e
-            t = assemble(label, values, files)
-            for x in values:
-                release_pages(x)
+            t = assemble(label, values, files, release=mapped.release)
             if t.ndim > 0 and tuple(t.shape) != param_shapes[name]:
                 raise OptimizerMismatchError(
                     f"{label}: merged shape {tuple(t.shape)} differs from the parameter's {param_shapes[name]}; the "
