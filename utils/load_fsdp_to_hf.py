@@ -39,6 +39,7 @@ from utils.errors import (  # noqa: E402
     OutputNotWritableError,
     OutputVerificationError,
     ShapeMismatchError,
+    TiedWeightMismatchError,
 )
 from utils.hf_writer import (  # noqa: E402
     WEIGHT_FORMATS,
@@ -114,6 +115,15 @@ def _check_against_config(shards: RankShards, expected: ExpectedModel) -> list[s
             f"{shards.files[0]}: keys differ from the model built from {expected.config_dir / 'config.json'}: "
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}. The "
             "huggingface/ folder (or --base-model) does not describe the model that was trained.")
+    stored_once = shards.aliases()
+    for alias, target in expected.aliases.items():
+        # Saved as two storages (not one, as FSDP2 saves tied params)? Then they must still be equal (verl #6334).
+        if alias in ckpt and target in ckpt and stored_once.get(alias) != target:
+            if not torch.equal(shards.assemble(alias), shards.assemble(target)):
+                raise TiedWeightMismatchError(
+                    f"{alias} and {target} are tied in {expected.config_dir / 'config.json'} "
+                    f"(tie_word_embeddings) but differ in {shards.files[0]}; the tie was broken during training. "
+                    "Set tie_word_embeddings=false in the config to keep both, or fix the checkpoint.")
     keys = []
     for k in shards.keys:
         spec = shards.spec(k)

@@ -283,7 +283,7 @@ class RankShards:
         for k in self.keys:
             v = self.state_dicts[0][k]
             local = v.to_local() if isinstance(v, DTensor) else v
-            ident = (local.untyped_storage().data_ptr(), local.storage_offset())
+            ident = (int(local.untyped_storage().data_ptr()), int(local.storage_offset()))
             if ident in seen:
                 out[k] = seen[ident]
             else:
