@@ -169,7 +169,7 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return math.prod(shape) * dtype.itemsize
 
 
 class _Buffers:
