@@ -1,6 +1,6 @@
 """Benchmark the consolidation engine against veRL's merger and the I/O floor, on one synthetic veRL checkpoint.
 
-    python benchmarks/bench_consolidate.py                       # Qwen2.5-1.5B shapes, W=8, fp32 (6.2 GB input)
+    python benchmarks/bench_consolidate.py --repeat 3            # Qwen2.5-1.5B shapes, W=8, fp32 (6.2 GB input)
     python benchmarks/bench_consolidate.py --small               # a few MB; what the test suite runs
     python benchmarks/bench_consolidate.py --work-dir /data/bench --keep --skip-verl
 
@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", type=Path, default=None, help="scratch folder (default: a temp dir, removed)")
     p.add_argument("--keep", action="store_true", help="keep the work dir (reuse its checkpoint next time)")
     p.add_argument("--skip-verl", action="store_true", help="do not run veRL's merger")
+    p.add_argument("--repeat", type=int, default=1, help="runs of each contender, round-robin; the median is shown")
     p.add_argument("--build-only", type=Path, default=None, metavar="ACTOR_DIR", help=argparse.SUPPRESS)
     p.add_argument("--compare", nargs=2, type=Path, default=None, metavar="DIR", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -188,38 +190,46 @@ def main(argv: list[str] | None = None) -> int:
                 while fh.read(64 << 20):
                     pass
 
-        rows = []
-        out_engine = work / "out_engine"
-        shutil.rmtree(out_engine, ignore_errors=True)
-        wall, rss, rc = run_measured([sys.executable, "utils/load_fsdp_to_hf.py", str(actor), str(out_engine),
-                                      "--format", "safetensors", "--dtype", "bf16", "--quiet"], env)
-        if rc != 0:
-            return rc
-        out_bytes = _dir_bytes(out_engine)
-        rows.append(("engine (this repo)", wall, rss))
-        if not args.skip_verl:
-            out_verl = work / "out_verl"
-            shutil.rmtree(out_verl, ignore_errors=True)
-            wall, rss, rc = run_measured([sys.executable, "-m", "verl.model_merger", "merge", "--backend", "fsdp",
-                                          "--local_dir", str(actor), "--target_dir", str(out_verl)], env)
+        out_engine, out_verl, floor_out = work / "out_engine", work / "out_verl", work / "floor.bin"
+        engine_cmd = [sys.executable, "utils/load_fsdp_to_hf.py", str(actor), str(out_engine), "--format",
+                      "safetensors", "--dtype", "bf16", "--quiet"]
+        verl_cmd = [sys.executable, "-m", "verl.model_merger", "merge", "--backend", "fsdp", "--local_dir",
+                    str(actor), "--target_dir", str(out_verl)]
+        runs: dict[str, list[tuple[float, int]]] = {"engine (this repo)": [], "verl.model_merger": [], "I/O floor": []}
+        out_bytes = 0
+        # Round-robin repeats, median wall: on shared CPUs one run of each is mostly noise.
+        for rep in range(args.repeat):
+            for out in (out_engine, out_verl):
+                shutil.rmtree(out, ignore_errors=True)
+            wall, rss, rc = run_measured(engine_cmd, env)
             if rc != 0:
                 return rc
-            rows.append(("verl.model_merger", wall, rss))
-            subprocess.run([sys.executable, __file__, "--compare", str(out_engine), str(out_verl)], cwd=ROOT, env=env,
-                           check=True)
-            shutil.rmtree(out_verl, ignore_errors=True)
-        floor_out = work / "floor.bin"
-        wall, rss, rc = run_measured([sys.executable, "-c", _FLOOR, *map(str, files), str(floor_out),
-                                      str(out_bytes)], env)
-        floor_out.unlink(missing_ok=True)
-        rows.append(("I/O floor", wall, rss))
-        shutil.rmtree(out_engine, ignore_errors=True)
+            out_bytes = _dir_bytes(out_engine)
+            runs["engine (this repo)"].append((wall, rss))
+            if not args.skip_verl:
+                wall, rss, rc = run_measured(verl_cmd, env)
+                if rc != 0:
+                    return rc
+                runs["verl.model_merger"].append((wall, rss))
+                if rep == 0:
+                    subprocess.run([sys.executable, __file__, "--compare", str(out_engine), str(out_verl)], cwd=ROOT,
+                                   env=env, check=True)
+                shutil.rmtree(out_verl, ignore_errors=True)
+            shutil.rmtree(out_engine, ignore_errors=True)
+            wall, rss, rc = run_measured([sys.executable, "-c", _FLOOR, *map(str, files), str(floor_out),
+                                          str(out_bytes)], env)
+            floor_out.unlink(missing_ok=True)
+            runs["I/O floor"].append((wall, rss))
+        rows = [(name, statistics.median(w for w, _ in r), max(m for _, m in r), [w for w, _ in r])
+                for name, r in runs.items() if r]
 
         print(f"input {in_bytes / 1e9:.2f} GB fp32 (W={world}, {size}) -> output {out_bytes / 1e9:.2f} GB bf16 "
               f"safetensors; {os.cpu_count()} CPUs")
-        print(f"{'contender':<20} {'wall s':>8} {'GB/s in':>8} {'peak RSS GB':>12}")
-        for name, wall, rss in rows:
-            print(f"{name:<20} {wall:>8.2f} {in_bytes / 1e9 / wall:>8.2f} {rss / 1e9:>12.2f}")
+        print(f"{'contender':<20} {'wall s':>8} {'GB/s in':>8} {'peak RSS GB':>12}   (median wall of {args.repeat}; "
+              "each run's wall)")
+        for name, wall, rss, walls in rows:
+            print(f"{name:<20} {wall:>8.2f} {in_bytes / 1e9 / wall:>8.2f} {rss / 1e9:>12.2f}   "
+                  f"{' '.join(f'{w:.1f}' for w in walls)}")
         eng = rows[0]
         if not args.skip_verl:
             verl = rows[1]

@@ -18,8 +18,6 @@ import tempfile
 
 import pytest
 
-from tests.consolidation_checks import CheckpointCache
-
 
 def _reserve_port() -> int:
     with socket.socket() as s:
@@ -77,6 +75,8 @@ def hub(hub_server):
 # ----- engine: real FSDP2 checkpoints, written once per session -----
 
 @pytest.fixture(scope="session")
-def fsdp_checkpoints(tmp_path_factory) -> CheckpointCache:
+def fsdp_checkpoints(tmp_path_factory):
     """``fsdp_checkpoints["w3_tied"]`` -> a WrittenCheckpoint; each case is written on first use only."""
+    from tests.consolidation_checks import CheckpointCache  # imports torch: only for sessions that use it
+
     return CheckpointCache(tmp_path_factory.mktemp("fsdp_ckpts"))

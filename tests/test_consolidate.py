@@ -129,3 +129,24 @@ def test_overwrite_replaces_a_previous_output(fsdp_checkpoints, tmp_path):
     assert not (out / "old.txt").exists() and (out / "pytorch_model.bin").is_file()
     assert res.out_dir == out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp or backup folder left beside it
+
+
+def test_cli_as_module_prints_progress_on_stderr_and_a_summary_line(fsdp_checkpoints, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ck = fsdp_checkpoints["w3_tied"]
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "utils.load_fsdp_to_hf", str(ck.actor_dir), str(out), "--format",
+                           "safetensors", "--dtype", "bf16", "--optimizer"], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"consolidated step 2 (W=3, float32) -> {out}: 26 tensors, "
+                                                   "1 weight file(s), bfloat16")
+    assert "+ optimizer.pt" in lines[0]
+    assert "consolidating: 100%" in proc.stderr and "casting weights torch.float32 -> torch.bfloat16" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["model.safetensors", "optimizer.pt", "config.json", "generation_config.json", "tokenizer.json",
+         "tokenizer_config.json", "chat_template.jinja"])

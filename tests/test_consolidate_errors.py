@@ -227,3 +227,22 @@ def test_bad_arguments_are_value_errors():
         consolidate_checkpoint("x", "y", dtype="int4")
     with pytest.raises(ValueError, match="max_shard_size='lots'"):
         consolidate_checkpoint("x", "y", max_shard_size="lots")
+
+
+@pytest.mark.parametrize("differ", [False, True])
+def test_tied_weights_saved_twice_must_agree(fsdp_checkpoints, tmp_path, differ):
+    from utils.errors import TiedWeightMismatchError
+
+    actor = tmp_path / "tied" / "actor"
+    shutil.copytree(fsdp_checkpoints["plain_w1"].actor_dir, actor)
+    p = actor / "model_world_size_1_rank_0.pt"
+    sd = torch.load(p, weights_only=True)
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone() + (1e-3 if differ else 0)  # a separate storage
+    torch.save(sd, p)
+    if differ:
+        with pytest.raises(TiedWeightMismatchError, match=r"lm_head\.weight and model\.embed_tokens\.weight"):
+            consolidate_checkpoint(actor, tmp_path / "out", progress=False)
+        assert not (tmp_path / "out").exists()
+    else:
+        res = consolidate_checkpoint(actor, tmp_path / "out", progress=False)
+        assert "lm_head.weight" not in torch.load(res.out_dir / "pytorch_model.bin", weights_only=True)

@@ -124,3 +124,44 @@ def test_shard_plan_keeps_model_order_and_sizes():
     assert plan.index_name == "model.safetensors.index.json" and plan.total_size == 20_000
     single = plan_shards(specs, "bin", "5GB")
     assert single.files == {"pytorch_model.bin": [f"k{i}" for i in range(5)]} and single.index_name is None
+
+
+def test_safetensors_stream_writer_bytes_follow_the_format_exactly(tmp_path):
+    """Golden bytes: u64 header length, JSON header padded with spaces to 8 bytes, then raw little-endian data."""
+    import struct
+
+    from safetensors.torch import load_file
+
+    from utils.hf_writer import SafetensorsStreamWriter
+
+    a, b = torch.tensor([1.0, -2.0]), torch.tensor([[3]], dtype=torch.int64)
+    with SafetensorsStreamWriter(tmp_path / "x.safetensors", [("b", (2,), torch.float32), ("a", (1, 1), torch.int64)]) as w:
+        assert w.write("b", a) == 8
+        assert w.write("a", b) == 8
+    header = (b'{"__metadata__":{"format":"pt"},"b":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
+              b'"a":{"dtype":"I64","shape":[1,1],"data_offsets":[8,16]}}')
+    header += b" " * (-len(header) % 8)
+    want = struct.pack("<Q", len(header)) + header + struct.pack("<2f", 1.0, -2.0) + struct.pack("<q", 3)
+    assert (tmp_path / "x.safetensors").read_bytes() == want
+    loaded = load_file(tmp_path / "x.safetensors")
+    assert torch.equal(loaded["b"], a) and torch.equal(loaded["a"], b)
+
+
+def test_stream_writer_refuses_out_of_plan_tensors(tmp_path):
+    from utils.errors import OutputVerificationError
+    from utils.hf_writer import SafetensorsStreamWriter
+
+    with pytest.raises(OutputVerificationError, match=r"expected w \(2,\) torch.float32 next, got w \(3,\)"):
+        with SafetensorsStreamWriter(tmp_path / "x.safetensors", [("w", (2,), torch.float32)]) as w:
+            w.write("w", torch.zeros(3))
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import utils.hf_writer
+    import utils.model_config
+
+    for mod in (utils.hf_writer, utils.model_config):
+        result = doctest.testmod(mod)
+        assert result.failed == 0 and result.attempted > 0, mod.__name__

@@ -25,6 +25,7 @@ __all__ = [
     "OptimizerMismatchError",
     "MissingModelConfigError",
     "InvalidModelConfigError",
+    "TiedWeightMismatchError",
 ]
 
 
@@ -97,3 +98,7 @@ class MissingModelConfigError(CheckpointError, FileNotFoundError):
 
 class InvalidModelConfigError(CheckpointError, ValueError):
     """``config.json`` cannot be parsed, or transformers cannot build a model from it."""
+
+
+class TiedWeightMismatchError(CheckpointError, ValueError):
+    """The config ties two weights (``tie_word_embeddings``) but the checkpoint holds them with different values."""

@@ -126,7 +126,7 @@ class SafetensorsStreamWriter:
         offset = 0
         self._expected: list[tuple[str, tuple[int, ...], torch.dtype, int]] = []
         for key, shape, dtype in entries:
-            nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+            nbytes = _numel(shape) * dtype.itemsize
             header[key] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             self._expected.append((key, tuple(shape), dtype, nbytes))
             offset += nbytes
@@ -233,6 +233,6 @@ def verify_output(out_dir: Path, plan: ShardPlan, weights_format: str,
     for k, (shape, dtype) in expected.items():
         if seen.get(k) != (shape, dtype):
             raise OutputVerificationError(f"{k}: written as {seen.get(k)}, expected {(shape, dtype)}")
-        total += _numel(shape) * torch.empty((), dtype=dtype).element_size()
+        total += _numel(shape) * dtype.itemsize
     if set(seen) != set(expected) or total != plan.total_size:
         raise OutputVerificationError(f"{out_dir}: written keys or total size ({total}) differ from the plan")

@@ -161,6 +161,7 @@ def assemble(
     files: Sequence[Path],
     dtype: torch.dtype | None = None,
     release: Callable[[torch.Tensor], None] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Assemble the full tensor of ``key`` from every rank's value.
 
@@ -170,6 +171,8 @@ def assemble(
         files: rank r's file at index r, used in error messages.
         dtype: the dtype of the result (the conversion happens while copying, no second copy); default: stored.
         release: called with each local shard once it is copied (e.g. :meth:`MappedFiles.release`).
+        out: a tensor of the full shape and ``dtype`` to fill (reusing a buffer avoids faulting in fresh pages for
+            every tensor, which costs more than the copy itself); default: a new one.
 
     Returns:
         A new contiguous CPU tensor of the full shape.
@@ -182,7 +185,10 @@ def assemble(
         >>> full = assemble("lm_head.weight", [sd["lm_head.weight"] for sd in rank_dicts], files)  # doctest: +SKIP
     """
     spec = tensor_spec(key, values, files)
-    out = torch.empty(spec.shape, dtype=dtype or spec.dtype)
+    if out is None:
+        out = torch.empty(spec.shape, dtype=dtype or spec.dtype)
+    elif tuple(out.shape) != spec.shape or out.dtype != (dtype or spec.dtype):
+        raise ValueError(f"{key}: out has {tuple(out.shape)} {out.dtype}, expected {spec.shape} {dtype or spec.dtype}")
     if isinstance(values[0], DTensor):
         _assemble_dtensor(key, values, files, out, release)
         return out
@@ -283,12 +289,12 @@ class RankShards:
         for k in self.keys:
             v = self.state_dicts[0][k]
             local = v.to_local() if isinstance(v, DTensor) else v
-            ident = (local.untyped_storage().data_ptr(), local.storage_offset())
+            ident = (int(local.untyped_storage().data_ptr()), int(local.storage_offset()))
             if ident in seen:
                 out[k] = seen[ident]
             else:
                 seen[ident] = k
         return out
 
-    def assemble(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return assemble(key, self.values(key), self.files, dtype, release=self.mapped.release)
+    def assemble(self, key: str, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        return assemble(key, self.values(key), self.files, dtype, release=self.mapped.release, out=out)
