@@ -43,6 +43,7 @@ __all__ = [
     "LevelChange",
     "apply_initial_levels",
     "curriculum_section",
+    "make_curricula",
 ]
 
 CURRICULUM_DEFAULTS: dict[str, Any] = {
@@ -80,6 +81,17 @@ def curriculum_section(curriculum_cfg: Any) -> dict[str, Any]:
     merged["curricula"] = dict(merged.get("curricula") or {})
     if merged["mode"] not in _MODES:
         raise ConfigError(f"curriculum.mode={merged['mode']!r}: use one of {_MODES}")
+    last_k, update_steps = merged["last_k"], merged["schedule"]["update_steps"]
+    if not isinstance(last_k, int) or not isinstance(update_steps, int) or last_k < 1 or update_steps < 1:
+        raise ConfigError(
+            f"curriculum.last_k={last_k!r}, curriculum.schedule.update_steps={update_steps!r}: both must be ints >= 1"
+        )
+    low, high = merged["failure_threshold"], merged["success_threshold"]
+    if not 0 <= low < high <= 1:
+        raise ConfigError(
+            f"curriculum.failure_threshold={low}, success_threshold={high}: "
+            "need 0 <= failure_threshold < success_threshold <= 1"
+        )
     return merged
 
 
@@ -89,16 +101,25 @@ def _context(mode: str):
     return DefaultCurriculumContext(mode=RangeAttributeMode(mode))
 
 
-def _make_curricula(cfg: dict[str, Any], composite) -> dict[str, Any]:
-    """Create one reasoning-gym curriculum per configured dataset, set to its configured start levels."""
+def make_curricula(cfg: dict[str, Any], dataset_names) -> dict[str, Any]:
+    """Create one reasoning-gym curriculum per configured dataset, set to its configured start levels.
+
+    Args:
+        cfg: The curriculum section with defaults (`curriculum_section`).
+        dataset_names: Names of the datasets in the composite (weight > 0).
+
+    Raises:
+        ConfigError: A dataset not among `dataset_names`, one without a reasoning-gym curriculum, an unknown
+            attribute or an out-of-range level.
+    """
     from reasoning_gym.factory import create_curriculum, has_curriculum
 
     curricula = {}
     for name, spec in cfg["curricula"].items():
-        if name not in composite.datasets:
+        if name not in dataset_names:
             raise ConfigError(
                 f"curriculum.curricula.{name}: dataset {name!r} is not in reasoning_gym.datasets "
-                f"({sorted(composite.datasets)}); add it there with a weight > 0"
+                f"({sorted(dataset_names)}); add it there with a weight > 0"
             )
         if not has_curriculum(name):
             raise ConfigError(f"curriculum.curricula.{name}: reasoning-gym has no curriculum for {name!r}")
@@ -139,7 +160,7 @@ def apply_initial_levels(curriculum_cfg: Any, composite) -> dict[str, Any]:
     Used for the val composite too, so that validation starts at the same difficulty as training.
     """
     cfg = curriculum_section(curriculum_cfg)
-    curricula = _make_curricula(cfg, composite)
+    curricula = make_curricula(cfg, composite.datasets)
     for name, curriculum in curricula.items():
         _apply(name, curriculum, composite, cfg["mode"])
     return curricula
@@ -165,16 +186,7 @@ class CurriculumController:
         self.last_k = int(self.cfg["last_k"])
         self.success_threshold = float(self.cfg["success_threshold"])
         self.failure_threshold = float(self.cfg["failure_threshold"])
-        if self.last_k < 1 or self.update_steps < 1:
-            raise ConfigError(
-                f"curriculum.last_k={self.last_k}, curriculum.schedule.update_steps={self.update_steps}: both must be >= 1"
-            )
-        if not 0 <= self.failure_threshold < self.success_threshold <= 1:
-            raise ConfigError(
-                f"curriculum.failure_threshold={self.failure_threshold}, success_threshold={self.success_threshold}: "
-                "need 0 <= failure_threshold < success_threshold <= 1"
-            )
-        self.curricula = _make_curricula(self.cfg, composite)
+        self.curricula = make_curricula(self.cfg, composite.datasets)
         self._windows: dict[str, deque[float]] = {n: deque(maxlen=self.last_k) for n in self.curricula}
         for name in self.curricula:
             self._apply(name)
