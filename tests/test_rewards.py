@@ -117,6 +117,16 @@ def test_format_reward_needs_exactly_one_of_each_tag(entries):
         assert score(e, bad, secondary_rewards=fmt)["format"] == 0.0, bad
 
 
+def test_original_trainer_kwargs_layout_is_accepted(entries):
+    e = entries["chain_sum"]
+    spec = [{"name": "format", "scaling_factor": 0.2, "kwargs": {"preappend_thinking_token": True}}]
+    validate_reward_config({"secondary_rewards": spec})
+    out = score(e, f"reasoning</think><answer>{e['answer']}</answer>", secondary_rewards=spec)
+    assert out["format"] == 1.0 and out["score"] == pytest.approx(1.2)
+    with pytest.raises(ConfigError, match=r"unknown parameter\(s\) \['prepend'\]"):
+        validate_reward_config({"secondary_rewards": [{"name": "format", "kwargs": {"prepend": True}}]})
+
+
 def test_partial_reward_is_dense_and_ordered(entries):
     e = {"answer": "17", "metadata": {"source_dataset": "chain_sum"}}
     ladder = ["", "1 blah", "<answer>", "<answer></answer>", "17", "<answer>1</answer>", "<answer>17</answer>"]

@@ -81,8 +81,21 @@ def _extract_answer(response: str) -> str | None:
 # --- reward functions: pure, (response, entry, accuracy, num_tokens, **params) -> float ---------------------------
 
 
-def format_reward(response: str, entry: Mapping[str, Any], *, accuracy: float, num_tokens: int | None) -> float:
-    """1.0 if the response is `<think>...</think> <answer>...</answer>` with exactly one of each tag, else 0.0."""
+def format_reward(
+    response: str,
+    entry: Mapping[str, Any],
+    *,
+    accuracy: float,
+    num_tokens: int | None,
+    preappend_thinking_token: bool = False,
+) -> float:
+    """1.0 if the response is `<think>...</think> <answer>...</answer>` with exactly one of each tag, else 0.0.
+
+    `preappend_thinking_token` (the original trainer's option) puts `<think>` in front first, for chat templates
+    whose generation prompt already ends with it.
+    """
+    if preappend_thinking_token:
+        response = "<think>" + response
     tags = ("<think>", "</think>", "<answer>", "</answer>")
     if any(response.count(t) != 1 for t in tags):
         return 0.0
@@ -156,7 +169,7 @@ REWARD_REGISTRY: dict[str, RewardFn] = {
 # Rewards that count tokens, and the extra parameters each secondary reward accepts.
 LENGTH_REWARDS = frozenset({"cosine", "length"})
 _PARAMS: dict[str, frozenset[str]] = {
-    "format": frozenset(),
+    "format": frozenset({"preappend_thinking_token"}),
     "partial": frozenset(),
     "cosine": frozenset({"max_tokens", "min_value", "max_value"}),
     "length": frozenset({"max_tokens"}),
@@ -215,7 +228,10 @@ def validate_reward_config(reward_cfg: Any, *, key: str = "reward.custom_reward_
         factor = spec.get("scaling_factor", 1.0)
         if isinstance(factor, bool) or not isinstance(factor, int | float) or not math.isfinite(factor):
             raise ConfigError(f"{where}.scaling_factor={factor!r}: expected a finite number")
-        unknown = set(spec) - {"name", "scaling_factor"} - _PARAMS[name]
+        nested = spec.get("kwargs") or {}
+        if not isinstance(nested, Mapping):
+            raise ConfigError(f"{where}.kwargs={nested!r}: expected a mapping of parameters")
+        unknown = (set(spec) - {"name", "scaling_factor", "kwargs"} | set(nested)) - _PARAMS[name]
         if unknown:
             raise ConfigError(
                 f"{where} ({name}): unknown parameter(s) {sorted(unknown)}; {name} accepts {sorted(_PARAMS[name])}"
@@ -225,12 +241,18 @@ def validate_reward_config(reward_cfg: Any, *, key: str = "reward.custom_reward_
                 raise ConfigError(
                     f"{where} ({name}) counts tokens: set {key}.tokenizer_path (e.g. ${{actor_rollout_ref.model.path}})"
                 )
-            max_tokens = spec.get("max_tokens", cfg.get("max_response_tokens"))
+            max_tokens = _params(spec).get("max_tokens", cfg.get("max_response_tokens"))
             if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
                 raise ConfigError(
                     f"{where} ({name}).max_tokens={max_tokens!r}: expected a positive int "
                     f"(or set {key}.max_response_tokens)"
                 )
+
+
+def _params(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A secondary reward's parameters: its extra keys, plus those under `kwargs` (the original trainer's layout)."""
+    flat = {k: v for k, v in spec.items() if k not in ("name", "scaling_factor", "kwargs")}
+    return {**flat, **(spec.get("kwargs") or {})}
 
 
 @functools.lru_cache(maxsize=4)
@@ -331,7 +353,7 @@ def compute_score(
     }
     for spec in secondary:
         name = spec["name"]
-        params = {k: v for k, v in spec.items() if k not in ("name", "scaling_factor")}
+        params = _params(spec)
         if name in LENGTH_REWARDS:
             params.setdefault("max_tokens", settings.get("max_response_tokens"))
         value = REWARD_REGISTRY[name](response, entry, accuracy=accuracy, num_tokens=num_tokens, **params)
