@@ -249,3 +249,56 @@ def test_good_reward_configs_pass():
             "tokenizer_path": "/m",
         }
     )
+
+
+def test_through_veRLs_own_reward_manager(tiny_model_dir):
+    """veRL's loader + NaiveRewardManager.run_single: decode, kwargs merge, dict return, extra keys."""
+    import asyncio
+
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
+    from verl import DataProto
+    from verl.experimental.reward_loop.reward_manager.naive import NaiveRewardManager
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = OmegaConf.create(
+        {
+            "reward": {
+                "custom_reward_function": {
+                    "path": "pkg://training.rewards",
+                    "name": "compute_score",
+                    "reward_kwargs": {
+                        "secondary_rewards": [
+                            {"name": "format", "scaling_factor": 0.2},
+                            {"name": "length", "scaling_factor": 0.1},
+                        ],
+                        "tokenizer_path": tiny_model_dir,
+                        "max_response_tokens": 32,
+                    },
+                }
+            }
+        }
+    )
+    rg = {"datasets": {"chain_sum": {"weight": 1}}, "dataset_size": 4}
+    row = ReasoningGymDataset("reasoning_gym://val", None, OmegaConf.create({"reasoning_gym": rg}))[1]
+    text = f"<think>x</think><answer>{row['reward_model']['ground_truth']}</answer>"
+    ids = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+    width = len(ids) + 3  # right padding, as veRL pads responses
+    responses = torch.tensor([ids + [tok.pad_token_id] * 3])
+    prompt = torch.tensor([[tok.pad_token_id, 5, 6]])
+    attention = torch.tensor([[0, 1, 1] + [1] * len(ids) + [0] * 3])
+    data = DataProto.from_dict(
+        tensors={"responses": responses, "prompts": prompt, "attention_mask": attention},
+        non_tensors={k: np.array([row[k]], dtype=object) for k in ("data_source", "reward_model", "extra_info")},
+    )
+    assert responses.shape[1] == width
+    manager = NaiveRewardManager(cfg, tok, get_custom_reward_fn(cfg))
+    result = asyncio.get_event_loop().run_until_complete(manager.run_single(data))
+    n = len(ids) - 1  # the eos token is decoded away (skip_special_tokens) and not counted
+    expected = 1.0 + 0.2 * 1.0 + 0.1 * (1 - n / 32)
+    assert result["reward_score"] == pytest.approx(expected)
+    info = result["reward_extra_info"]
+    assert (info["accuracy"], info["acc"], info["format"]) == (1.0, 1.0, 1.0)
+    assert info["length"] == pytest.approx(1 - n / 32)
