@@ -88,6 +88,12 @@ class ReasoningGymTrainer(PPOTrainerSync):
 
     curriculum = None
 
+    def __init__(self, config: DictConfig) -> None:
+        super().__init__(config)
+        # veRL branches on the mode *name* ("sync" vs the async modes: TransferQueue state in checkpoints,
+        # re-issued prompts on resume); this trainer is veRL's sync trainer, so it answers to "sync".
+        self.trainer_mode = "sync"
+
     def _init_dataloader(self) -> None:
         super()._init_dataloader()
         self._init_curriculum()
@@ -129,10 +135,28 @@ class ReasoningGymTrainer(PPOTrainerSync):
 
     @staticmethod
     def _step_accuracy(batch: Any) -> tuple[list[float], list[str]]:
+        """Per-completion ``accuracy`` and ``data_source`` of a step, from veRL's TransferQueue.
+
+        The agent loop stores the reward function's extra keys under ``extra_fields["reward_extra_info"]``.
+
+        Raises:
+            KeyError: if the reward function returned no ``accuracy`` (the curriculum needs it).
+        """
         import transfer_queue as tq
 
-        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["data_source", "accuracy"])
-        return [float(x) for x in data["accuracy"]], [str(x) for x in data["data_source"]]
+        data = tq.kv_batch_get(
+            keys=batch.keys, partition_id=batch.partition_id, select_fields=["data_source", "extra_fields"]
+        )
+        scores = []
+        for extra in _as_list(data["extra_fields"]):
+            info = (extra or {}).get("reward_extra_info", {}) or {}
+            if "accuracy" not in info:
+                raise KeyError(
+                    "curriculum.enabled needs the reward function to return an 'accuracy' key per completion "
+                    f"(training.rewards.compute_score does); got keys {sorted(info)}"
+                )
+            scores.append(float(info["accuracy"]))
+        return scores, [str(x) for x in _as_list(data["data_source"])]
 
     def _save_checkpoint(self) -> None:
         if self.curriculum is not None:
@@ -153,6 +177,11 @@ class ReasoningGymTrainer(PPOTrainerSync):
                     self.curriculum.load_state_dict(json.load(f))
                 logger.info("curriculum restored from %s: %s", path, self.curriculum.levels())
         return result
+
+
+def _as_list(values: Any) -> list:
+    # TransferQueue hands non-tensor fields back as a list, a NonTensorStack or a numpy array.
+    return values.tolist() if hasattr(values, "tolist") else list(values)
 
 
 @ray.remote

@@ -412,6 +412,10 @@ class HFServerAdapter(BaseRollout):
             if ship:
                 state[name] = tensor.detach().to("cpu", copy=True)
         if not ship:
+            if self.ships_weights and global_steps is not None:
+                # Sync disabled (a test control): the server keeps its weights but still reports the step,
+                # which veRL's staleness metrics require.
+                await self._server_handle().set_global_steps.remote(global_steps)
             return None
         version = await self._server_handle().update_weights.remote(state, global_steps)
         logger.info(
