@@ -132,5 +132,6 @@ def test_weight_sync_is_real_rollout_logprobs_match_the_actor_only_with_sync(run
     # Step 1 samples from the initial weights in both runs: rollout and actor agree.
     assert runs["no_sync"][1]["training/rollout_probs_diff_max"] < 1e-4
     # Step 2 samples after one update: with sync the rollout has the new weights; without, it lags behind.
-    assert synced < 1e-4
-    assert stale > 1e-3 and stale > 100 * synced
+    assert synced < 1e-5
+    # Measured: synced ~2e-9, stale ~1e-3 after one AdamW step at the demo lr (3e-3); wide margins both ways.
+    assert stale > 1e-4 and stale > 1000 * max(synced, 1e-9)
