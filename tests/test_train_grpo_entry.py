@@ -78,3 +78,18 @@ def test_forced_success_streak_raises_the_level_and_later_prompts_come_from_it(t
     assert [(c.dataset, c.old_level, c.new_level) for c in changes] == [("chain_sum", 0, 1)]
     assert metrics["curriculum/chain_sum/level"] == 1.0
     assert 3 in terms()  # later prompts come from the new level
+
+
+def test_prepare_config_moves_the_hub_token_out_of_the_config(monkeypatch, tiny_model_dir):
+    from training.trainer import prepare_config
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with initialize_config_dir(config_dir=str(REPO / "training" / "configs"), version_base=None):
+        cfg = compose(
+            config_name="cpu_demo",
+            overrides=["hf_upload.token=hf_secret123", f"actor_rollout_ref.model.path={tiny_model_dir}"],
+        )
+    prepare_config(cfg)
+    assert cfg.hf_upload.token is None
+    assert os.environ["HF_TOKEN"] == "hf_secret123"
+    assert "hf_secret123" not in str(cfg)

@@ -67,9 +67,14 @@ def prepare_config(cfg: DictConfig) -> DictConfig:
     """Wire the project's sections into veRL's config, in place; return ``cfg``.
 
     Copies ``reasoning_gym`` / ``curriculum`` into ``data`` for ``ReasoningGymDataset``, resolves the model path,
-    and points the reward's ``tokenizer_path`` (token-counting rewards) at the resolved model.
+    and points the reward's ``tokenizer_path`` (token-counting rewards) at the resolved model. A Hub token given
+    as ``hf_upload.token`` moves to ``HF_TOKEN`` (Ray workers inherit it) and is blanked in the config, which
+    veRL prints and hands to its loggers (wandb stores it).
     """
     with open_dict(cfg):
+        if cfg.get("hf_upload", None) is not None and cfg.hf_upload.get("token", None):
+            os.environ["HF_TOKEN"] = str(cfg.hf_upload.token)
+            cfg.hf_upload.token = None
         model_path = resolve_model_path(str(cfg.actor_rollout_ref.model.path))
         cfg.actor_rollout_ref.model.path = model_path
         if "reasoning_gym" in cfg:
