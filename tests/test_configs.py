@@ -1,0 +1,111 @@
+"""Every shipped config composes on veRL's ppo_trainer with Hydra (no Ray) and has the keys the trainer reads."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from training.config_checks import check_run_config
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "training" / "configs"
+SHIPPED = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if not p.name.startswith("_"))
+GPU_CONFIGS = [n for n in SHIPPED if n != "cpu_demo"]
+
+HF_UPLOAD_DISABLED = {
+    "enabled": False,
+    "repo_id": None,
+    "organization": None,
+    "private": True,
+    "optimizer_save_mode": None,
+    "strategy": "end",
+    "weights_format": "bin",
+    "dtype": "auto",
+    "endpoint": None,
+    "token": None,
+    "fail_on_error": False,
+    "max_shard_size": "5GB",
+    "namespace": None,
+    "resume": "auto",
+}
+
+
+def compose_config(name, overrides=()):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+def test_the_expected_configs_ship():
+    assert set(SHIPPED) >= {
+        "cpu_demo",
+        "algorithmic_qwen_3b",
+        "arithmetic_qwen_3b",
+        "algebra_qwen_3b",
+        "games_qwen_3b",
+        "logic_qwen_3b",
+        "knights_knaves_curriculum",
+        "hf_upload_example",
+    }
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_config_composes_and_has_the_keys_the_trainer_reads(name):
+    cfg = compose_config(name)
+    check_run_config(cfg)  # the same checks train_grpo.py runs before Ray
+    assert cfg.trainer.use_v1 is True
+    assert cfg.trainer.v1.trainer_mode == "rg_sync"
+    assert cfg.actor_rollout_ref.actor.strategy == "fsdp2"
+    assert cfg.actor_rollout_ref.ref.strategy == "fsdp2"
+    assert cfg.algorithm.adv_estimator == "grpo"
+    assert cfg.data.custom_cls.path == "pkg://training.data"
+    assert cfg.data.custom_cls.name == "ReasoningGymDataset"
+    assert (cfg.data.train_files, cfg.data.val_files) == ("reasoning_gym://train", "reasoning_gym://val")
+    assert cfg.data.dataloader_num_workers == 0
+    assert cfg.reward.custom_reward_function.path == "pkg://training.rewards"
+    assert cfg.reward.custom_reward_function.name == "compute_score"
+    assert len(cfg.reasoning_gym.datasets) > 0
+    assert cfg.trainer.save_freq > 0  # veRL then also saves at the last step: the uploader needs a checkpoint
+    assert cfg.trainer.checkpoint_callback_class is None  # left free for the upload hook
+    assert set(cfg.hf_upload) == set(HF_UPLOAD_DISABLED)
+    assert {"enabled", "schedule", "last_k", "success_threshold", "failure_threshold", "curricula"} <= set(
+        cfg.curriculum
+    )
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+@pytest.mark.parametrize("name", [n for n in SHIPPED if n != "hf_upload_example"])
+def test_hf_upload_block_is_carried_disabled(name):
+    assert OmegaConf.to_container(compose_config(name).hf_upload) == HF_UPLOAD_DISABLED
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_hf_upload_enabled_is_a_plain_override(name):
+    cfg = compose_config(name, ["hf_upload.enabled=true", "hf_upload.repo_id=me/model"])
+    assert cfg.hf_upload.enabled is True and cfg.hf_upload.repo_id == "me/model"
+
+
+def test_cpu_demo_is_the_cpu_setup():
+    cfg = compose_config("cpu_demo")
+    assert cfg.actor_rollout_ref.model.path == "tiny://qwen2"
+    assert cfg.actor_rollout_ref.rollout.name == "hf"
+    assert cfg.trainer.n_gpus_per_node == 2 and cfg.trainer.nnodes == 1
+    assert cfg.ray_kwargs.ray_init.num_gpus == 2  # logical GPUs: one slot per FSDP rank
+    assert cfg.transfer_queue.backend.SimpleStorage.num_data_storage_units == 1
+    assert cfg.actor_rollout_ref.model.override_config.attn_implementation == "sdpa"
+    assert cfg.actor_rollout_ref.actor.use_torch_compile is False
+    assert cfg.trainer.logger == ["console"]
+    assert str(cfg.trainer.default_local_dir).startswith("outputs/")
+
+
+@pytest.mark.parametrize("name", GPU_CONFIGS)
+def test_gpu_configs_use_vllm_and_qwen(name):
+    cfg = compose_config(name)
+    assert cfg.actor_rollout_ref.rollout.name == "vllm"
+    assert cfg.actor_rollout_ref.model.path == "Qwen/Qwen2.5-3B-Instruct"
+    assert "ray_kwargs" not in cfg or cfg.ray_kwargs.ray_init.get("num_gpus") is None  # real GPUs: Ray counts them
+
+
+def test_knights_knaves_curriculum_is_enabled_on_its_dataset():
+    cfg = compose_config("knights_knaves_curriculum")
+    assert cfg.curriculum.enabled is True
+    assert set(cfg.curriculum.curricula) == {"knights_knaves"} == set(cfg.reasoning_gym.datasets)

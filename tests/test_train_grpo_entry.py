@@ -1,0 +1,95 @@
+"""train_grpo.py checks the config before Ray starts, and the curriculum is wired into the trainer."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("+reasoning_gym.datasets.no_such_task.weight=1", "no_such_task"),
+        ("reasoning_gym.datasets.chain_sum.weight=0", "weight"),
+        ("actor_rollout_ref.model.path=/nonexistent/model/dir", "/nonexistent/model/dir"),
+        (
+            "reward.custom_reward_function.reward_kwargs.secondary_rewards=[{name: no_such_reward, scaling_factor: 1}]",
+            "no_such_reward",
+        ),
+    ],
+)
+def test_bad_config_fails_with_a_clear_message_before_ray_starts(tmp_path, override, message):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
+    start = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, str(REPO / "train_grpo.py"), f"hydra.run.dir={tmp_path}", override],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    elapsed = time.monotonic() - start
+    log = out.stdout + out.stderr
+    assert out.returncode == 2, log[-3000:]
+    assert "config error:" in out.stderr and message in out.stderr
+    assert "ray init" not in log and "Started a local Ray instance" not in log
+    assert "Traceback" not in log
+    assert elapsed < 60, elapsed  # no Ray, no model, no veRL workers: seconds
+
+
+def test_forced_success_streak_raises_the_level_and_later_prompts_come_from_it(tiny_model_dir):
+    """The trainer's hook (what `_compute_advantage` calls each step) moves the train dataset's level."""
+    from transformers import AutoTokenizer
+
+    from training.data import ReasoningGymDataset
+    from training.trainer import ReasoningGymTrainer, prepare_config
+
+    with initialize_config_dir(config_dir=str(REPO / "training" / "configs"), version_base=None):
+        cfg = compose(
+            config_name="cpu_demo",
+            overrides=[
+                "curriculum.enabled=true",
+                "curriculum.last_k=8",
+                "+curriculum.curricula.chain_sum.attribute_levels.num_terms=0",
+                f"actor_rollout_ref.model.path={tiny_model_dir}",
+            ],
+        )
+    prepare_config(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    trainer = ReasoningGymTrainer.__new__(ReasoningGymTrainer)  # no Ray: only the curriculum wiring
+    trainer.config = cfg
+    trainer.train_dataset = ReasoningGymDataset("reasoning_gym://train", tokenizer, cfg.data)
+    trainer._init_curriculum()
+
+    def terms(n=40):
+        return {trainer.train_dataset[i]["extra_info"]["entry"]["metadata"]["num_terms"] for i in range(n)}
+
+    assert terms() == {2}
+    metrics: dict = {}
+    assert trainer.update_curriculum([1.0] * 4, ["chain_sum"] * 4, global_step=1, metrics=metrics) == []
+    changes = trainer.update_curriculum([1.0] * 4, ["chain_sum"] * 4, global_step=2, metrics=metrics)
+    assert [(c.dataset, c.old_level, c.new_level) for c in changes] == [("chain_sum", 0, 1)]
+    assert metrics["curriculum/chain_sum/level"] == 1.0
+    assert 3 in terms()  # later prompts come from the new level
+
+
+def test_prepare_config_moves_the_hub_token_out_of_the_config(monkeypatch, tiny_model_dir):
+    from training.trainer import prepare_config
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with initialize_config_dir(config_dir=str(REPO / "training" / "configs"), version_base=None):
+        cfg = compose(
+            config_name="cpu_demo",
+            overrides=["hf_upload.token=hf_secret123", f"actor_rollout_ref.model.path={tiny_model_dir}"],
+        )
+    prepare_config(cfg)
+    assert cfg.hf_upload.token is None
+    assert os.environ["HF_TOKEN"] == "hf_secret123"
+    assert "hf_secret123" not in str(cfg)

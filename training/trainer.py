@@ -1,0 +1,200 @@
+"""How this project hands a run to veRL 0.9.1's V1 GRPO trainer, through its seams only.
+
+- :func:`prepare_config` turns the composed Hydra config into what veRL reads: the ``reasoning_gym`` and
+  ``curriculum`` sections copied into ``data`` (veRL's dataset factory only passes ``data`` to
+  ``data.custom_cls``), ``tiny://qwen2`` resolved to the offline tiny model.
+- :class:`ReasoningGymTrainer` is veRL's synchronous V1 trainer (``PPOTrainerSync``) registered as trainer mode
+  ``rg_sync`` (``trainer.v1.trainer_mode``). It overrides three methods and copies none of ``fit()``:
+  ``_compute_advantage`` (feeds each step's per-completion accuracy to the curriculum controller, then calls
+  veRL's), ``_save_checkpoint`` / ``_load_checkpoint`` (curriculum state beside veRL's ``data.pt``). With the
+  curriculum disabled it behaves exactly like ``sync``.
+- :data:`GRPOTaskRunner` is veRL's ``TaskRunnerV1`` Ray actor, subclassed so that its process imports this
+  module (and so registers ``rg_sync``) before veRL looks the trainer mode up.
+- ``trainer.checkpoint_callback_class`` stays free: veRL builds that callback itself, so an upload hook is a
+  config line (``trainer.checkpoint_callback_class=utils....``), not a change here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import ray
+from omegaconf import DictConfig, OmegaConf, open_dict
+from verl.trainer.main_ppo import TaskRunnerV1
+from verl.trainer.ppo.v1 import PPOTrainerSync, register_trainer
+
+from training.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+TRAINER_MODE = "rg_sync"
+TINY_MODEL_SCHEME = "tiny://"
+CURRICULUM_STATE_FILE = "curriculum_state.json"
+
+__all__ = ["GRPOTaskRunner", "ReasoningGymTrainer", "TRAINER_MODE", "prepare_config", "resolve_model_path"]
+
+
+def resolve_model_path(path: str, *, cache_dir: str | None = None) -> str:
+    """Resolve ``tiny://qwen2`` to the offline tiny model directory (built once, cached); pass others through.
+
+    Args:
+        path: ``actor_rollout_ref.model.path``.
+        cache_dir: where the tiny model is cached (default: ``$VERL_GRPO_HUB_CACHE`` or ``~/.cache/verl-grpo-hub``).
+
+    Returns:
+        A local directory or a Hub id, as veRL expects.
+
+    Raises:
+        ConfigError: for an unknown ``tiny://`` name.
+
+    Example:
+        >>> resolve_model_path("Qwen/Qwen2.5-3B-Instruct")
+        'Qwen/Qwen2.5-3B-Instruct'
+    """
+    if not str(path).startswith(TINY_MODEL_SCHEME):
+        return path
+    if path != "tiny://qwen2":
+        raise ConfigError(f"actor_rollout_ref.model.path={path!r}: the only tiny model is 'tiny://qwen2'")
+    from training.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model(cache_dir)
+
+
+def prepare_config(cfg: DictConfig) -> DictConfig:
+    """Wire the project's sections into veRL's config, in place; return ``cfg``.
+
+    Copies ``reasoning_gym`` / ``curriculum`` into ``data`` for ``ReasoningGymDataset``, resolves the model path,
+    and points the reward's ``tokenizer_path`` (token-counting rewards) at the resolved model. A Hub token given
+    as ``hf_upload.token`` moves to ``HF_TOKEN`` (Ray workers inherit it) and is blanked in the config, which
+    veRL prints and hands to its loggers (wandb stores it).
+    """
+    with open_dict(cfg):
+        if cfg.get("hf_upload", None) is not None and cfg.hf_upload.get("token", None):
+            os.environ["HF_TOKEN"] = str(cfg.hf_upload.token)
+            cfg.hf_upload.token = None
+        model_path = resolve_model_path(str(cfg.actor_rollout_ref.model.path))
+        cfg.actor_rollout_ref.model.path = model_path
+        if "reasoning_gym" in cfg:
+            cfg.data.reasoning_gym = OmegaConf.to_container(cfg.reasoning_gym, resolve=True)
+        if "curriculum" in cfg:
+            cfg.data.curriculum = OmegaConf.to_container(cfg.curriculum, resolve=True)
+        reward_kwargs = cfg.reward.custom_reward_function.get("reward_kwargs", None)
+        if reward_kwargs is not None and str(reward_kwargs.get("tokenizer_path", "")).startswith(TINY_MODEL_SCHEME):
+            reward_kwargs.tokenizer_path = model_path
+    return cfg
+
+
+@register_trainer(TRAINER_MODE)
+class ReasoningGymTrainer(PPOTrainerSync):
+    """veRL's synchronous V1 trainer plus reasoning-gym curriculum updates after each step's rewards."""
+
+    curriculum = None
+
+    def __init__(self, config: DictConfig) -> None:
+        super().__init__(config)
+        # veRL branches on the mode *name* ("sync" vs the async modes: TransferQueue state in checkpoints,
+        # re-issued prompts on resume); this trainer is veRL's sync trainer, so it answers to "sync".
+        self.trainer_mode = "sync"
+
+    def _init_dataloader(self) -> None:
+        super()._init_dataloader()
+        self._init_curriculum()
+
+    def _init_curriculum(self) -> None:
+        """Attach a curriculum controller to the train dataset's composite when ``curriculum.enabled``."""
+        curriculum_cfg = self.config.get("curriculum", None)
+        if curriculum_cfg is not None and curriculum_cfg.get("enabled", False):
+            from training.curriculum import CurriculumController
+
+            self.curriculum = CurriculumController(curriculum_cfg, self.train_dataset.composite)
+            logger.info("curriculum enabled, levels %s", self.curriculum.levels())
+
+    def _compute_advantage(self, batch: Any, metrics: dict) -> Any:
+        if self.curriculum is not None:
+            self.update_curriculum(*self._step_accuracy(batch), global_step=self.global_steps, metrics=metrics)
+        return super()._compute_advantage(batch, metrics)
+
+    def update_curriculum(
+        self, scores: list[float], data_sources: list[str], *, global_step: int, metrics: dict | None = None
+    ) -> list:
+        """Feed one step's per-completion accuracy to the controller; later batches use the new levels.
+
+        Args:
+            scores: accuracy per completion (``compute_score``'s ``accuracy``).
+            data_sources: dataset name per completion.
+            global_step: the step these completions belong to (fixed schedules count steps).
+            metrics: the step's metric dict; ``curriculum/<dataset>/level`` etc. are added.
+
+        Returns:
+            The ``LevelChange`` list of this step.
+        """
+        changes = self.curriculum.record(scores, data_sources) + self.curriculum.on_step(global_step)
+        for change in changes:
+            logger.info("curriculum step %d: %s", global_step, change)
+        if metrics is not None:
+            metrics.update(self.curriculum.metrics())
+        return changes
+
+    @staticmethod
+    def _step_accuracy(batch: Any) -> tuple[list[float], list[str]]:
+        """Per-completion ``accuracy`` and ``data_source`` of a step, from veRL's TransferQueue.
+
+        The agent loop stores the reward function's extra keys under ``extra_fields["reward_extra_info"]``.
+
+        Raises:
+            KeyError: if the reward function returned no ``accuracy`` (the curriculum needs it).
+        """
+        import transfer_queue as tq
+
+        data = tq.kv_batch_get(
+            keys=batch.keys, partition_id=batch.partition_id, select_fields=["data_source", "extra_fields"]
+        )
+        scores = []
+        for extra in _as_list(data["extra_fields"]):
+            info = (extra or {}).get("reward_extra_info", {}) or {}
+            if "accuracy" not in info:
+                raise KeyError(
+                    "curriculum.enabled needs the reward function to return an 'accuracy' key per completion "
+                    f"(training.rewards.compute_score does); got keys {sorted(info)}"
+                )
+            scores.append(float(info["accuracy"]))
+        return scores, [str(x) for x in _as_list(data["data_source"])]
+
+    def _save_checkpoint(self) -> None:
+        if self.curriculum is not None:
+            folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, CURRICULUM_STATE_FILE), "w") as f:
+                json.dump(self.curriculum.state_dict(), f)
+        super()._save_checkpoint()
+
+    def _load_checkpoint(self) -> Any:
+        result = super()._load_checkpoint()
+        if self.curriculum is not None and self.global_steps > 0:
+            path = os.path.join(
+                self.config.trainer.default_local_dir, f"global_step_{self.global_steps}", CURRICULUM_STATE_FILE
+            )
+            if os.path.exists(path):
+                with open(path) as f:
+                    self.curriculum.load_state_dict(json.load(f))
+                logger.info("curriculum restored from %s: %s", path, self.curriculum.levels())
+        return result
+
+
+def _as_list(values: Any) -> list:
+    # TransferQueue hands non-tensor fields back as a list, a NonTensorStack or a numpy array.
+    return values.tolist() if hasattr(values, "tolist") else list(values)
+
+
+@ray.remote
+class GRPOTaskRunner(TaskRunnerV1.__ray_actor_class__):  # type: ignore[name-defined, misc]
+    """veRL's V1 task runner that registers ``rg_sync`` in its own Ray process before veRL looks it up."""
+
+    def run(self, config: DictConfig) -> None:
+        # Ray ships this class by value, so the actor process has not imported this module: do it here.
+        import training.trainer  # noqa: F401
+
+        super().run(config)
