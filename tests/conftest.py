@@ -80,3 +80,13 @@ def fsdp_checkpoints(tmp_path_factory):
     from tests.consolidation_checks import CheckpointCache  # imports torch: only for sessions that use it
 
     return CheckpointCache(tmp_path_factory.mktemp("fsdp_ckpts"))
+
+
+# ----- training: the offline tiny demo model -----
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """The offline tiny Qwen2 demo model, built once per test session in a private cache dir."""
+    from training.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model(tmp_path_factory.mktemp("tiny-model-cache"))
