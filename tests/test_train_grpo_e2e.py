@@ -3,7 +3,9 @@
 Three real runs (Ray, FSDP2, the plugin loaded in every worker through the entry point), shared by the tests:
 - `first`: 2 GRPO steps with the curriculum on, checkpoint at step 2;
 - `resumed`: the same command with 3 steps: it loads the step-2 checkpoint and trains step 3 only;
-- `no_sync`: 2 steps with the HF rollout's weight sync switched off (`engine_kwargs.hf.sync_weights=false`).
+- `no_sync`: 2 steps with the HF rollout's weight sync switched off (`engine_kwargs.hf.sync_weights=false`); it
+  also asks veRL to save its own gathered `huggingface/` model, the independent ground truth for consolidating a
+  checkpoint the real trainer wrote.
 Ground truth for "weight sync is real" is veRL's own metric `training/rollout_probs_diff_max`: the gap between
 the rollout's log-probs and the actor's recomputed ones for the same tokens.
 """
@@ -75,6 +77,9 @@ def runs(tmp_path_factory):
             f"trainer.default_local_dir={tmp / 'ckpt_no_sync'}",
             "trainer.total_training_steps=2",
             "actor_rollout_ref.rollout.engine_kwargs.hf.sync_weights=false",
+            # veRL gathers the full state dict itself and saves it with save_pretrained (fp32, as trained)
+            "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]",
+            "actor_rollout_ref.actor.checkpoint.load_contents=[model,optimizer,extra]",
         ],
     )
     return {
@@ -135,3 +140,37 @@ def test_weight_sync_is_real_rollout_logprobs_match_the_actor_only_with_sync(run
     assert synced < 1e-5
     # Measured: synced ~2e-9, stale ~1e-3 after one AdamW step at the demo lr (3e-3); wide margins both ways.
     assert stale > 1e-4 and stale > 1000 * max(synced, 1e-9)
+
+
+def test_consolidating_the_trainers_checkpoint_equals_verls_own_gathered_model(runs, tmp_path):
+    """Our engine on the shards the real trainer wrote vs veRL's own full-state-dict gather of the same step."""
+    from safetensors.torch import load_file
+
+    from tests.consolidation_checks import assert_logits_equal, assert_weights_equal
+    from utils.load_fsdp_to_hf import consolidate_checkpoint
+
+    actor = runs["tmp"] / "ckpt_no_sync" / "global_step_2" / "actor"
+    verl_dir = actor / "huggingface"
+    reference = {}
+    for f in sorted(verl_dir.glob("model*.safetensors")):
+        reference.update(load_file(f))
+    assert reference, f"veRL saved no hf_model under {verl_dir}"
+    tied = "lm_head.weight" not in reference
+    if tied:
+        reference["lm_head.weight"] = reference["model.embed_tokens.weight"]
+
+    out = tmp_path / "merged"
+    result = consolidate_checkpoint(runs["tmp"] / "ckpt_no_sync", out, weights_format="safetensors", dtype="fp32",
+                                    include_optimizer=True, progress=False)
+    assert result.step == 2
+    assert_weights_equal(out, reference, tied=tied)
+    assert_logits_equal(out, reference, verl_dir)
+    # the optimizer state is keyed by parameter name: one AdamW entry per trained parameter, full shapes
+    import torch
+
+    optim = torch.load(out / "optimizer.pt", weights_only=True)
+    trained = {k: v for k, v in reference.items() if not (tied and k == "lm_head.weight")}
+    assert sorted(optim["state"]) == sorted(trained)
+    for name, state in optim["state"].items():
+        assert state["exp_avg"].shape == trained[name].shape, name
+        assert float(state["step"]) == 2.0, name  # two optimizer steps were taken
