@@ -173,7 +173,7 @@ class HubUploadCallback(CheckpointCallback):
             return
         step_dir = job.checkpoint_dir
         marker = getattr(job.error, "pending_marker", None)
-        reason = str(job.error).split("; finish it later with:")[0]
+        reason = str(job.error).split("; finish it later with:")[0].rstrip(". ")
         if marker:
             _log(f"ERROR step {job.step}: {reason}. upload_pending.json left in {step_dir}; finish the job with: "
                  f"python utils/hf_uploader.py resume {step_dir}", error=True)
