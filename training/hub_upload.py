@@ -27,7 +27,8 @@ from utils.hf_uploader import HuggingFaceUploader
 from utils.hub_client import PreflightReport
 from utils.hub_errors import InvalidUploadConfigError
 
-__all__ = ["CALLBACK_CLASS", "FORCED_SAVE_FREQ", "setup_hub_upload", "uploader_from_config", "uploader_settings"]
+__all__ = ["CALLBACK_CLASS", "FORCED_SAVE_FREQ", "headline_step_metrics", "setup_hub_upload", "uploader_from_config",
+           "uploader_settings"]
 
 logger = logging.getLogger(__name__)
 

@@ -98,6 +98,13 @@ class HubUploadCallback(CheckpointCallback):
     # ------------------------------------------------------------------ veRL's seam
     def on_save(self, trainer: Any, global_step: int, checkpoint_dir: str, async_save: bool = False,
                 **kwargs: Any) -> None:
+        """veRL's hook after each save: pin the step directory, queue it for upload once its metrics arrive, rotate.
+
+        Args:
+            trainer: The veRL trainer (``total_training_steps`` tells the final save; its worker group, rank 0's node).
+            global_step: The step just saved.
+            checkpoint_dir: Its ``global_step_N`` directory.
+        """
         step_dir = Path(checkpoint_dir).resolve()
         final = global_step >= int(getattr(trainer, "total_training_steps", global_step))
         if self._node_id is None:
