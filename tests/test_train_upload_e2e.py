@@ -1,5 +1,5 @@
 """The trainer's Hub upload end to end: `train_grpo.py` (Ray, veRL, 2 FSDP2 ranks on gloo) -> the upload callback ->
-a Ray task on rank 0's node -> the real huggingface_hub client -> the local Hub server of conftest.
+a Ray actor on rank 0's node -> the real huggingface_hub client -> the local Hub server of conftest.
 
 Two real runs, shared by the tests:
 - `every_save`: 2 steps, save_freq=1, max_actor_ckpt_to_keep=1, the token given on the command line as a marker

@@ -1,6 +1,6 @@
 """`HubUploadCallback` scheduling without Ray: what is uploaded when, and what rotation may delete.
 
-The Ray task (consolidate + push, covered for real in test_train_upload_e2e.py) is replaced by a gated function at
+The Ray actor call (consolidate + push, covered for real in test_train_upload_e2e.py) is replaced by a gated function at
 that boundary, so the order of events is deterministic: step 1 is still uploading while steps 2 and 3 are saved.
 """
 
@@ -38,11 +38,12 @@ def test_every_save_pins_shards_replaces_queued_and_keeps_the_final(tmp_path):
     config = _config("every_save", keep=1)
     cb = HubUploadCallback(config)
     assert config.trainer.max_actor_ckpt_to_keep is None  # veRL's own rotation is off; the callback rotates
-    gate, calls = threading.Event(), []
+    started, gate, calls = threading.Event(), threading.Event(), []
 
     def upload(checkpoint_dir, step, metrics):
         calls.append((step, metrics))
         if step == 1:
+            started.set()
             assert gate.wait(30)
         assert (checkpoint_dir / "actor").is_dir()  # never deleted under a running upload
         return {"summary": f"step {step}"}
@@ -54,6 +55,8 @@ def test_every_save_pins_shards_replaces_queued_and_keeps_the_final(tmp_path):
         dirs[step] = _save(tmp_path, step)
         cb.on_save(trainer, step, str(dirs[step]))
         cb.on_step_metrics(step, {"critic/score/mean": float(step), "timing_s/step": 1.0})
+        if step == 1:
+            assert started.wait(30)  # step 1 is running before step 2 is saved (else step 2 would replace it)
         # step 1 is uploading, 2 (then 3) queued: rotation (keep=1) must leave their shards alone
         assert all((dirs[s] / "actor").is_dir() for s in dirs)
     gate.set()

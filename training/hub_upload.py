@@ -5,7 +5,7 @@ uploader's preflight (token valid, may write to the namespace, repo created with
 repo announced loudly) and wires the run for uploads:
 
 - ``trainer.checkpoint_callback_class`` -> :class:`training.hub_upload_hook.HubUploadCallback` (veRL's driver-side
-  ``on_save`` seam; the callback consolidates + uploads in a Ray task on rank 0's node);
+  ``on_save`` seam; the callback consolidates + uploads in a low-priority Ray actor on rank 0's node);
 - ``trainer.save_freq <= 0`` (never save) -> a save at the last step only, so there is something to upload.
 
 This module imports neither veRL nor Ray: a wrong token or repo id fails in about a second, before any worker.

@@ -5,7 +5,7 @@ veRL 0.9.1's V1 trainer builds ``trainer.checkpoint_callback_class`` on the driv
 
 - ``end``: uploads the checkpoint of the last step only; ``every_save``: every save; ``checkpoint``: every save
   with ``optimizer.pt`` (the uploader's ``strategy`` switch; resumable-state extras live in ``utils/``).
-- Each upload runs as a Ray task pinned to the node of actor rank 0 (it reads the shards from
+- Each upload runs in a low-priority Ray actor pinned to the node of actor rank 0 (it reads the shards from
   ``default_local_dir``, the same path the ranks wrote), queued in a
   :class:`utils.background_upload.BackgroundUploader`: at most one in flight, a newer save replaces a queued older
   one, the final one is never dropped. The training loop never waits for an upload.
@@ -23,6 +23,7 @@ veRL 0.9.1's V1 trainer builds ``trainer.checkpoint_callback_class`` on the driv
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -40,6 +41,7 @@ from utils.hub_errors import UploadFailedError
 __all__ = ["HubUploadCallback", "PROGRESS_EVERY_S"]
 
 PROGRESS_EVERY_S = 15.0
+UPLOAD_NICENESS = 10
 
 
 def _log(msg: str, *, error: bool = False) -> None:
@@ -47,19 +49,32 @@ def _log(msg: str, *, error: bool = False) -> None:
     print(f"[hf_upload] {msg}", file=sys.stderr if error else sys.stdout, flush=True)
 
 
-@ray.remote(num_cpus=0, max_retries=0)  # num_cpus=0: placement groups may hold every CPU; this is mostly I/O
-def _upload_task(settings: dict[str, Any], checkpoint_dir: str, step: int, metrics: dict[str, float] | None) -> dict:
-    """Consolidate + upload one checkpoint (in a Ray worker on rank 0's node). Returns a plain, picklable dict."""
-    from utils.hf_uploader import HuggingFaceUploader  # the token comes from HF_TOKEN, inherited from the driver
+# One actor per run does every upload: a dedicated process (the lowered priority never reaches a pooled Ray worker
+# that later runs training work), warm after the first upload (torch, transformers, huggingface_hub imported once).
+# num_cpus=0: placement groups may hold every CPU of the node, and the work is mostly I/O and hashing.
+@ray.remote(num_cpus=0, max_restarts=0)
+class _UploadActor:
+    """Consolidates + uploads checkpoints, one call at a time, in a low-priority process on rank 0's node."""
 
-    try:
-        result = HuggingFaceUploader(**settings).upload_from_checkpoint_dir(checkpoint_dir, step=step,
-                                                                             metrics=metrics)
-    except UploadFailedError as e:
-        return {"ok": False, "error": str(e), "marker": e.pending_marker}
-    except Exception as e:  # noqa: BLE001 - reported by the driver; e.g. a corrupt checkpoint
-        return {"ok": False, "error": f"{type(e).__name__}: {e}".splitlines()[0], "marker": None}
-    return {"ok": True, "summary": result.summary(), "tag": result.tag, "commit": result.commit_sha}
+    def __init__(self, settings: dict[str, Any]):
+        try:  # hashing and copying yield the CPU to the training ranks on the same node
+            os.nice(UPLOAD_NICENESS)
+        except OSError:
+            pass
+        self.settings = settings
+
+    def upload(self, checkpoint_dir: str, step: int, metrics: dict[str, float] | None) -> dict:
+        """Returns a plain, picklable dict (``ok`` and a summary, or the error and the pending marker)."""
+        from utils.hf_uploader import HuggingFaceUploader  # the token comes from HF_TOKEN, inherited from the driver
+
+        try:
+            result = HuggingFaceUploader(**self.settings).upload_from_checkpoint_dir(checkpoint_dir, step=step,
+                                                                                      metrics=metrics)
+        except UploadFailedError as e:
+            return {"ok": False, "error": str(e), "marker": e.pending_marker}
+        except Exception as e:  # noqa: BLE001 - reported by the driver; e.g. a corrupt checkpoint
+            return {"ok": False, "error": f"{type(e).__name__}: {e}".splitlines()[0], "marker": None}
+        return {"ok": True, "summary": result.summary(), "tag": result.tag, "commit": result.commit_sha}
 
 
 class HubUploadCallback(CheckpointCallback):
@@ -79,6 +94,7 @@ class HubUploadCallback(CheckpointCallback):
         self._unsubmitted: tuple[Path, int, bool] | None = None  # saved, waiting for the step's metrics
         self._bg: BackgroundUploader | None = None
         self._node_id: str | None = None
+        self._actor: Any = None  # the _UploadActor, started by the first upload
         self._finished = False
         if self.strategy != "end":
             self._take_over_rotation(config)
@@ -108,7 +124,7 @@ class HubUploadCallback(CheckpointCallback):
         step_dir = Path(checkpoint_dir).resolve()
         final = global_step >= int(getattr(trainer, "total_training_steps", global_step))
         if self._node_id is None:
-            self._node_id = _rank0_node_id(trainer)
+            self._node_id = _rank0_node_id(trainer) or ""  # "": not found (asked once), any node
         if self._unsubmitted is not None:  # the previous save never got its metrics: send it without
             self._submit(*self._unsubmitted, metrics=None)
             self._unsubmitted = None
@@ -149,6 +165,9 @@ class HubUploadCallback(CheckpointCallback):
             if deadline is not None and time.monotonic() > deadline:
                 break
         jobs = self._bg.finish(timeout=0)
+        if self._actor is not None:
+            ray.kill(self._actor)
+            self._actor = None
         self._rotate()
         failed = [j for j in jobs if j.state == "failed"]
         if failed and self.fail_on_error:
@@ -164,12 +183,14 @@ class HubUploadCallback(CheckpointCallback):
         _log(f"step {step}: {'final ' if final else ''}upload to {self.settings['repo_id']} queued")
 
     def _upload_on_rank0_node(self, checkpoint_dir: Path, step: int, metrics: dict[str, float] | None) -> dict:
-        options: dict[str, Any] = {}
-        if self._node_id:
-            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        if self._actor is None:
+            options: dict[str, Any] = {}
+            if self._node_id:
+                from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=self._node_id, soft=False)
-        out = ray.get(_upload_task.options(**options).remote(self.settings, str(checkpoint_dir), step, metrics))
+                options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=self._node_id, soft=False)
+            self._actor = _UploadActor.options(**options).remote(self.settings)
+        out = ray.get(self._actor.upload.remote(str(checkpoint_dir), step, metrics))
         if not out["ok"]:
             raise UploadFailedError(out["error"], pending_marker=out.get("marker"))
         return out
