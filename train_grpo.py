@@ -6,7 +6,8 @@
     python train_grpo.py --config-name algorithmic_qwen_3b hf_upload.enabled=true hf_upload.repo_id=me/model
 
 Order: compose the config (training/configs, on veRL's ppo_trainer) -> check it (before Ray starts, so a bad
-dataset/reward/model path fails in seconds) -> resolve tiny://qwen2 -> veRL's run_ppo with our task runner.
+dataset/reward/model path fails in seconds) -> Hub preflight when hf_upload.enabled (bad token/namespace/repo id
+fail in seconds) -> resolve tiny://qwen2 -> veRL's run_ppo with our task runner.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from omegaconf import DictConfig
 
 from training.config_checks import check_run_config
 from training.errors import ConfigError
+from training.hub_upload import setup_hub_upload
+from utils.hub_errors import HubUploadError
 
 
 @hydra.main(config_path="training/configs", config_name="cpu_demo", version_base=None)
@@ -26,6 +29,13 @@ def main(cfg: DictConfig) -> None:
         check_run_config(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        # hf_upload.enabled: token, namespace write access and repo checked against the Hub before Ray starts, and
+        # the upload callback wired in (training/hub_upload.py).
+        setup_hub_upload(cfg)
+    except HubUploadError as e:
+        print(f"hf_upload error: {e}", file=sys.stderr)
         sys.exit(2)
 
     # veRL and Ray are imported only after the checks: a bad config never pays for them.

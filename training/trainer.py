@@ -10,8 +10,9 @@
   curriculum disabled it behaves exactly like ``sync``.
 - :data:`GRPOTaskRunner` is veRL's ``TaskRunnerV1`` Ray actor, subclassed so that its process imports this
   module (and so registers ``rg_sync``) before veRL looks the trainer mode up.
-- ``trainer.checkpoint_callback_class`` stays free: veRL builds that callback itself, so an upload hook is a
-  config line (``trainer.checkpoint_callback_class=utils....``), not a change here.
+- The Hub upload hook is veRL's ``trainer.checkpoint_callback_class`` (set by ``training.hub_upload``); two
+  small calls here serve it: the step's metrics once veRL computed them (``_compute_metrics``) and the wait for
+  the last upload when the run ends (``GRPOTaskRunner.run``).
 """
 
 from __future__ import annotations
@@ -171,6 +172,15 @@ class ReasoningGymTrainer(PPOTrainerSync):
                 json.dump(self.curriculum.state_dict(), f)
         super()._save_checkpoint()
 
+    def _compute_metrics(self, batch: Any, metrics: dict, timing_raw: dict, global_steps: int, epoch: int) -> Any:
+        result = super()._compute_metrics(batch, metrics, timing_raw, global_steps, epoch)
+        # Hub upload hook (training/hub_upload_hook.py): veRL saves before it computes the step's metrics, so the
+        # callback submits this step's checkpoint now, with its rewards for the commit message and model card.
+        on_step_metrics = getattr(self.checkpoint_callback, "on_step_metrics", None)
+        if on_step_metrics is not None:
+            on_step_metrics(global_steps, metrics)
+        return result
+
     def _load_checkpoint(self) -> Any:
         result = super()._load_checkpoint()
         if self.curriculum is not None and self.global_steps > 0:
@@ -197,4 +207,11 @@ class GRPOTaskRunner(TaskRunnerV1.__ray_actor_class__):  # type: ignore[name-def
         # Ray ships this class by value, so the actor process has not imported this module: do it here.
         import training.trainer  # noqa: F401
 
-        super().run(config)
+        try:
+            super().run(config)
+        finally:
+            # Hub upload hook: the last (background) upload must finish before the run ends; this waits with
+            # progress lines and raises only with hf_upload.fail_on_error (training/hub_upload_hook.py).
+            finish = getattr(getattr(getattr(self, "trainer", None), "checkpoint_callback", None), "finish", None)
+            if finish is not None:
+                finish()

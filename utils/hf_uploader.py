@@ -31,6 +31,7 @@ if __package__ in (None, ""):  # `python utils/hf_uploader.py`: make the reposit
 
 from utils.hub_client import HubClient, PreflightReport, check_repo_id
 from utils.hub_errors import (
+    HubUnreachableError,
     InvalidOptimizerSaveModeError,
     InvalidRepoIdError,
     InvalidUploadConfigError,
@@ -308,7 +309,10 @@ class HuggingFaceUploader:
         checkpoint_dir = Path(checkpoint_dir)
         step = self._infer_step(checkpoint_dir, step)
         step_dir = _step_dir_of(checkpoint_dir)
-        self.preflight()
+        try:
+            self.preflight()
+        except HubUnreachableError as e:  # e.g. the Hub is down at the end of training: resumable, leave a marker
+            raise self._failed(e, step, metrics, model_name, step_dir, checkpoint_dir) from None
         with step_lock(step_dir):
             check_staging_space(checkpoint_dir, self.staging_dir, include_optimizer=self.include_optimizer)
             staging = Path(tempfile.mkdtemp(prefix=f"hf_upload_step{step}_", dir=self.staging_dir))
@@ -364,22 +368,27 @@ class HuggingFaceUploader:
         except (TagConflictError, InvalidUploadConfigError):
             raise
         except Exception as e:  # noqa: BLE001 - every other failure becomes one clear, token-free error (+ marker)
-            reason = self.client.redact(f"{type(e).__name__}: {e}".splitlines()[0])[:500]
-            marker = None
-            if pending_dir is not None and self.write_pending_marker:
-                marker = str(write_pending(pending_dir, PendingUpload(
-                    checkpoint_dir=str(checkpoint_dir.resolve()), repo_id=self.repo_id, step=step,
-                    options={**self.options(), "metrics": dict(metrics or {}), "base_model": base_model},
-                    error=reason)))
-            hint = f"; finish it later with: python utils/hf_uploader.py resume {pending_dir}" if marker else ""
-            raise UploadFailedError(f"Upload of step {step} to {self.repo_id} failed: {reason}{hint}",
-                                    pending_marker=marker) from None
+            raise self._failed(e, step, metrics, base_model, pending_dir, checkpoint_dir) from None
         url = f"{self.client.endpoint}/{self.repo_id}/tree/{outcome.tag}"
         result = UploadResult(self.repo_id, step, outcome.tag, outcome.commit, url, outcome.sent_files,
                               outcome.sent_bytes, time.perf_counter() - started, outcome.skipped, outcome.on_main,
                               consolidation)
         logger.info("Uploaded %s", result.summary())
         return result
+
+    def _failed(self, e: BaseException, step: int, metrics, base_model, pending_dir: Path | None,
+                checkpoint_dir: Path | None) -> UploadFailedError:
+        """The token-free error for a failed upload, after leaving ``upload_pending.json`` in ``pending_dir``."""
+        reason = self.client.redact(f"{type(e).__name__}: {e}".splitlines()[0])[:500]
+        marker = None
+        if pending_dir is not None and checkpoint_dir is not None and self.write_pending_marker:
+            marker = str(write_pending(pending_dir, PendingUpload(
+                checkpoint_dir=str(checkpoint_dir.resolve()), repo_id=self.repo_id, step=step,
+                options={**self.options(), "metrics": dict(metrics or {}), "base_model": base_model},
+                error=reason)))
+        hint = f"; finish it later with: python utils/hf_uploader.py resume {pending_dir}" if marker else ""
+        return UploadFailedError(f"Upload of step {step} to {self.repo_id} failed: {reason}{hint}",
+                                 pending_marker=marker)
 
     def _card_fn(self, step, metrics, consolidation, base_model):
         def render() -> str:

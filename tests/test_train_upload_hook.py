@@ -1,0 +1,102 @@
+"""`HubUploadCallback` scheduling without Ray: what is uploaded when, and what rotation may delete.
+
+The Ray actor call (consolidate + push, covered for real in test_train_upload_e2e.py) is replaced by a gated function at
+that boundary, so the order of events is deterministic: step 1 is still uploading while steps 2 and 3 are saved.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from training.hub_upload_hook import HubUploadCallback
+from utils.hub_errors import UploadFailedError
+
+
+class _Trainer:
+    total_training_steps = 3  # no actor_rollout_wg: uploads run "on any node"
+
+
+def _config(strategy: str, keep: int | None = 1, fail_on_error: bool = False):
+    return OmegaConf.create({
+        "hf_upload": {"enabled": True, "repo_id": "alice/hook", "strategy": strategy, "fail_on_error": fail_on_error},
+        "trainer": {"max_actor_ckpt_to_keep": keep, "experiment_name": "t"},
+    })
+
+
+def _save(root: Path, step: int) -> Path:
+    d = root / f"global_step_{step}"
+    (d / "actor").mkdir(parents=True)
+    (d / "actor" / "model_world_size_2_rank_0.pt").write_bytes(b"x")
+    return d
+
+
+def test_every_save_pins_shards_replaces_queued_and_keeps_the_final(tmp_path):
+    config = _config("every_save", keep=1)
+    cb = HubUploadCallback(config)
+    assert config.trainer.max_actor_ckpt_to_keep is None  # veRL's own rotation is off; the callback rotates
+    started, gate, calls = threading.Event(), threading.Event(), []
+
+    def upload(checkpoint_dir, step, metrics):
+        calls.append((step, metrics))
+        if step == 1:
+            started.set()
+            assert gate.wait(30)
+        assert (checkpoint_dir / "actor").is_dir()  # never deleted under a running upload
+        return {"summary": f"step {step}"}
+
+    cb._upload_on_rank0_node = upload
+    trainer = _Trainer()
+    dirs = {}
+    for step in (1, 2, 3):
+        dirs[step] = _save(tmp_path, step)
+        cb.on_save(trainer, step, str(dirs[step]))
+        cb.on_step_metrics(step, {"critic/score/mean": float(step), "timing_s/step": 1.0})
+        if step == 1:
+            assert started.wait(30)  # step 1 is running before step 2 is saved (else step 2 would replace it)
+        # step 1 is uploading, 2 (then 3) queued: rotation (keep=1) must leave their shards alone
+        assert all((dirs[s] / "actor").is_dir() for s in dirs)
+    gate.set()
+    jobs = cb.finish()
+    assert [(j.step, j.state) for j in jobs] == [(1, "done"), (2, "replaced"), (3, "done")]
+    assert calls == [(1, {"critic/score/mean": 1.0}), (3, {"critic/score/mean": 3.0})]
+    assert jobs[-1].final
+    # once released, rotation catches up: only the newest step keeps its shards
+    assert [s for s in dirs if (dirs[s] / "actor").exists()] == [3]
+
+
+def test_end_uploads_only_the_last_step_and_leaves_rotation_to_verl(tmp_path):
+    config = _config("end", keep=2)
+    cb = HubUploadCallback(config)
+    assert config.trainer.max_actor_ckpt_to_keep == 2
+    calls = []
+    cb._upload_on_rank0_node = lambda d, s, m: calls.append(s) or {"summary": ""}
+    for step in (1, 2, 3):
+        cb.on_save(_Trainer(), step, str(_save(tmp_path, step)))
+        cb.on_step_metrics(step, {})
+    cb.finish()
+    assert calls == [3]
+
+
+def test_failed_upload_prints_the_command_and_fails_the_run_only_with_fail_on_error(tmp_path, capsys):
+    for fail_on_error in (False, True):
+        root = tmp_path / str(fail_on_error)
+        cb = HubUploadCallback(_config("end", fail_on_error=fail_on_error))
+
+        def upload(d, s, m):
+            raise UploadFailedError("Upload of step 3 to alice/hook failed: ConnectError",
+                                    pending_marker=str(d / "upload_pending.json"))
+
+        cb._upload_on_rank0_node = upload
+        step_dir = _save(root, 3)
+        cb.on_save(_Trainer(), 3, str(step_dir))
+        if fail_on_error:
+            with pytest.raises(UploadFailedError, match="fail_on_error"):
+                cb.finish()
+        else:
+            assert [j.state for j in cb.finish()] == ["failed"]
+        err = capsys.readouterr().err
+        assert f"finish the job with: python utils/hf_uploader.py resume {step_dir.resolve()}" in err

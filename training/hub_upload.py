@@ -1,0 +1,162 @@
+"""The ``hf_upload`` config block -> :class:`utils.hf_uploader.HuggingFaceUploader`, checked before Ray starts.
+
+``train_grpo.py`` calls :func:`setup_hub_upload` right after ``check_run_config``: it validates the block, runs the
+uploader's preflight (token valid, may write to the namespace, repo created with the requested visibility; a public
+repo announced loudly) and wires the run for uploads:
+
+- ``trainer.checkpoint_callback_class`` -> :class:`training.hub_upload_hook.HubUploadCallback` (veRL's driver-side
+  ``on_save`` seam; the callback consolidates + uploads in a low-priority Ray actor on rank 0's node);
+- ``trainer.save_freq <= 0`` (never save) -> a save at the last step only, so there is something to upload.
+
+This module imports neither veRL nor Ray: a wrong token or repo id fails in about a second, before any worker.
+
+Example:
+    >>> cfg = OmegaConf.create({"hf_upload": {"enabled": False}})  # doctest: +SKIP
+    >>> setup_hub_upload(cfg) is None  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from utils.hf_uploader import HuggingFaceUploader
+from utils.hub_client import PreflightReport
+from utils.hub_errors import InvalidUploadConfigError
+
+__all__ = ["CALLBACK_CLASS", "FORCED_SAVE_FREQ", "headline_step_metrics", "setup_hub_upload", "uploader_from_config",
+           "uploader_settings"]
+
+logger = logging.getLogger(__name__)
+
+CALLBACK_CLASS = "training.hub_upload_hook.HubUploadCallback"
+# `save_freq` so large that veRL's `is_last_step or step % save_freq == 0` saves at the last step only.
+FORCED_SAVE_FREQ = 10**12
+
+# hf_upload keys consumed here; `token` is never passed on (the uploader reads HF_TOKEN), `enabled`/`fail_on_error`
+# steer the hook, `resume` belongs to the resume-from-Hub feature.
+_KNOWN_KEYS = {"enabled", "repo_id", "organization", "private", "optimizer_save_mode", "strategy", "weights_format",
+               "dtype", "endpoint", "token", "fail_on_error", "max_shard_size", "namespace", "resume"}
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    node = cfg
+    for part in key.split("."):
+        if node is None or not hasattr(node, "get"):
+            return default
+        node = node.get(part, None)
+    return default if node is None else node
+
+
+def uploader_settings(cfg: Any) -> dict[str, Any]:
+    """Keyword arguments of :class:`HuggingFaceUploader` for this run's ``hf_upload`` block (never a token).
+
+    The model card learns the base model (unless it is the offline ``tiny://`` demo model) and the reasoning-gym
+    datasets with their weights.
+
+    Raises:
+        InvalidUploadConfigError: an unknown ``hf_upload`` key (a typo would otherwise be ignored).
+    """
+    hf = _get(cfg, "hf_upload", {}) or {}
+    unknown = sorted(set(hf.keys()) - _KNOWN_KEYS)
+    if unknown:
+        raise InvalidUploadConfigError(
+            f"hf_upload.{unknown[0]} is not a known key; valid keys: {', '.join(sorted(_KNOWN_KEYS))}."
+        )
+    datasets = _get(cfg, "reasoning_gym.datasets", {}) or {}
+    card_info: dict[str, Any] = {
+        "datasets": {str(name): float((spec or {}).get("weight", 1.0)) for name, spec in datasets.items()},
+        "extra": {"experiment": str(_get(cfg, "trainer.experiment_name", ""))},
+    }
+    base_model = str(_get(cfg, "actor_rollout_ref.model.path", "") or "")
+    if base_model and not base_model.startswith("tiny://") and not base_model.startswith("/"):
+        card_info["base_model"] = base_model  # a Hub id; local paths mean nothing to readers of the card
+    return {
+        "repo_id": hf.get("repo_id", None),
+        "organization": hf.get("organization", None) or None,
+        "private": bool(hf.get("private", False)),
+        "optimizer_save_mode": hf.get("optimizer_save_mode", None),
+        "endpoint": hf.get("endpoint", None) or None,
+        "weights_format": str(hf.get("weights_format", "bin")),
+        "dtype": str(hf.get("dtype", "auto")),
+        "max_shard_size": hf.get("max_shard_size", "5GB"),
+        "strategy": str(hf.get("strategy", "end")),
+        "namespace": str(hf.get("namespace", None) or ""),
+        "card_info": card_info,
+    }
+
+
+def uploader_from_config(cfg: Any, *, token: str | None = None, **overrides: Any) -> HuggingFaceUploader:
+    """A :class:`HuggingFaceUploader` for this run (token: ``token``, else ``HF_TOKEN`` / the saved login).
+
+    Raises:
+        MissingRepoIdError, InvalidRepoIdError, InvalidOptimizerSaveModeError, InvalidUploadConfigError.
+    """
+    return HuggingFaceUploader(token=token, **{**uploader_settings(cfg), **overrides})
+
+
+def setup_hub_upload(cfg: Any) -> PreflightReport | None:
+    """Check the ``hf_upload`` block against the Hub and wire the run for uploads; ``None`` when disabled.
+
+    Call before Ray starts: every failure here costs seconds, not a training run.
+
+    Args:
+        cfg: The composed run config (modified in place: callback class, forced last-step save).
+
+    Returns:
+        The preflight report (user, repo, visibility), or ``None`` when ``hf_upload.enabled`` is false.
+
+    Raises:
+        MissingRepoIdError, InvalidRepoIdError, InvalidUploadConfigError: a bad block.
+        MissingTokenError, InvalidTokenError, ReadOnlyTokenError, NamespaceAccessError, HubUnreachableError:
+            what the Hub said; each message says what to fix.
+    """
+    if not bool(_get(cfg, "hf_upload.enabled", False)):
+        return None
+    from omegaconf import open_dict
+
+    # A token still in the config (compose API, no Hydra callback) is used here; prepare_config later moves it to
+    # HF_TOKEN for the Ray workers and blanks it.
+    token = _get(cfg, "hf_upload.token", None)
+    uploader = uploader_from_config(cfg, token=str(token) if token else None, progress=False)
+    report = uploader.preflight()
+    if not report.private:
+        bar = "!" * 100
+        print(f"{bar}\n!! hf_upload: the Hub repo {report.url} is PUBLIC: every model this run uploads can be "
+              f"downloaded by anyone.\n!! Set hf_upload.private=true (and make the repo private) if that is not "
+              f"what you want.\n{bar}", file=sys.stderr, flush=True)
+    print(f"hf_upload: preflight ok - user '{report.user}' may write to {report.repo_id} "
+          f"({'private' if report.private else 'PUBLIC'}, {'created' if report.created else 'exists'}); strategy "
+          f"{uploader.strategy}", flush=True)
+
+    with open_dict(cfg):
+        current = _get(cfg, "trainer.checkpoint_callback_class", None)
+        if current and current != CALLBACK_CLASS:
+            raise InvalidUploadConfigError(
+                f"trainer.checkpoint_callback_class={current!r} is set, but hf_upload.enabled=true needs "
+                f"{CALLBACK_CLASS!r}. Subclass HubUploadCallback in your callback, or disable hf_upload."
+            )
+        cfg.trainer.checkpoint_callback_class = CALLBACK_CLASS
+        if int(_get(cfg, "trainer.save_freq", -1)) <= 0:
+            # No checkpoint means nothing to consolidate: save (only) at the last step instead.
+            print("hf_upload: trainer.save_freq <= 0 would save nothing; saving at the last step for the upload",
+                  flush=True)
+            cfg.trainer.save_freq = FORCED_SAVE_FREQ
+    return report
+
+
+def headline_step_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    """The reward/score/accuracy metrics of a step as plain floats (for commit messages, cards and markers)."""
+    out: dict[str, float] = {}
+    for key, value in (metrics or {}).items():
+        k = str(key).lower()
+        if not any(word in k for word in ("reward", "score", "acc")):
+            continue
+        try:
+            out[str(key)] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return out

@@ -1,0 +1,234 @@
+"""veRL checkpoint callback that pushes saved checkpoints to the Hub (``hf_upload.strategy``), off the critical path.
+
+veRL 0.9.1's V1 trainer builds ``trainer.checkpoint_callback_class`` on the driver (the TaskRunner actor) and calls
+``on_save(trainer, global_step, checkpoint_dir)`` after each save. :class:`HubUploadCallback`:
+
+- ``end``: uploads the checkpoint of the last step only; ``every_save``: every save; ``checkpoint``: every save
+  with ``optimizer.pt`` (the uploader's ``strategy`` switch; resumable-state extras live in ``utils/``).
+- Each upload runs in a low-priority Ray actor pinned to the node of actor rank 0 (it reads the shards from
+  ``default_local_dir``, the same path the ranks wrote), queued in a
+  :class:`utils.background_upload.BackgroundUploader`: at most one in flight, a newer save replaces a queued older
+  one, the final one is never dropped. The training loop never waits for an upload.
+- A save is submitted once the step's metrics are known (:meth:`HubUploadCallback.on_step_metrics`, called by the
+  trainer after veRL computes them), so commit messages and cards carry that step's rewards.
+- :meth:`HubUploadCallback.finish` (the TaskRunner, after ``fit``) waits for the last upload with progress lines.
+  A failed upload leaves ``upload_pending.json`` and one ERROR line with the command that finishes the job; the
+  run still succeeds unless ``hf_upload.fail_on_error``.
+- Checkpoint rotation: veRL's ranks delete old ``global_step_N/actor`` folders beyond ``max_actor_ckpt_to_keep``
+  (``BaseCheckpointManager.register_checkpoint``), which would pull shards from under a running consolidation. With
+  background uploads this callback takes rotation over: it sets veRL's limit to ``None`` and deletes the same
+  folders itself after each save, skipping the pinned ones (uploading or queued) until they are released.
+  Multi-node runs need ``default_local_dir`` on a shared filesystem anyway (rank 0's node reads every shard).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from omegaconf import open_dict
+from verl.trainer.ppo.checkpoint_callback import CheckpointCallback
+
+from training.hub_upload import headline_step_metrics, uploader_settings
+from utils.background_upload import BackgroundUploader, UploadJob
+from utils.hub_errors import UploadFailedError
+
+__all__ = ["HubUploadCallback", "PROGRESS_EVERY_S"]
+
+PROGRESS_EVERY_S = 15.0
+UPLOAD_NICENESS = 10
+
+
+def _log(msg: str, *, error: bool = False) -> None:
+    # print, not logging: Ray forwards actor stdout/stderr to the driver's console, loggers of actors are unset.
+    print(f"[hf_upload] {msg}", file=sys.stderr if error else sys.stdout, flush=True)
+
+
+# One actor per run does every upload: a dedicated process (the lowered priority never reaches a pooled Ray worker
+# that later runs training work), warm after the first upload (torch, transformers, huggingface_hub imported once).
+# num_cpus=0: placement groups may hold every CPU of the node, and the work is mostly I/O and hashing.
+@ray.remote(num_cpus=0, max_restarts=0)
+class _UploadActor:
+    """Consolidates + uploads checkpoints, one call at a time, in a low-priority process on rank 0's node."""
+
+    def __init__(self, settings: dict[str, Any]):
+        try:  # hashing and copying yield the CPU to the training ranks on the same node
+            os.nice(UPLOAD_NICENESS)
+        except OSError:
+            pass
+        self.settings = settings
+
+    def upload(self, checkpoint_dir: str, step: int, metrics: dict[str, float] | None) -> dict:
+        """Returns a plain, picklable dict (``ok`` and a summary, or the error and the pending marker)."""
+        from utils.hf_uploader import HuggingFaceUploader  # the token comes from HF_TOKEN, inherited from the driver
+
+        try:
+            result = HuggingFaceUploader(**self.settings).upload_from_checkpoint_dir(checkpoint_dir, step=step,
+                                                                                      metrics=metrics)
+        except UploadFailedError as e:
+            return {"ok": False, "error": str(e), "marker": e.pending_marker}
+        except Exception as e:  # noqa: BLE001 - reported by the driver; e.g. a corrupt checkpoint
+            return {"ok": False, "error": f"{type(e).__name__}: {e}".splitlines()[0], "marker": None}
+        return {"ok": True, "summary": result.summary(), "tag": result.tag, "commit": result.commit_sha}
+
+
+class HubUploadCallback(CheckpointCallback):
+    """Uploads veRL checkpoints to the Hub per ``hf_upload.strategy`` (see the module docstring).
+
+    Args:
+        config: The full trainer config (veRL passes it); reads ``hf_upload`` and ``trainer``.
+    """
+
+    def __init__(self, config: Any = None):
+        super().__init__(config)
+        self.settings = {**uploader_settings(config), "progress": False}
+        self.strategy = self.settings["strategy"]
+        self.fail_on_error = bool(config.hf_upload.get("fail_on_error", False))
+        self.keep: int | None = None
+        self._saved: list[Path] = []  # this run's step dirs still holding actor shards, oldest first
+        self._unsubmitted: tuple[Path, int, bool] | None = None  # saved, waiting for the step's metrics
+        self._bg: BackgroundUploader | None = None
+        self._node_id: str | None = None
+        self._actor: Any = None  # the _UploadActor, started by the first upload
+        self._finished = False
+        if self.strategy != "end":
+            self._take_over_rotation(config)
+
+    def _take_over_rotation(self, config: Any) -> None:
+        trainer_cfg = config.trainer
+        keep = trainer_cfg.get("max_actor_ckpt_to_keep", None)
+        if trainer_cfg.get("remove_previous_ckpt_in_save", False):
+            keep = 1
+        if keep and int(keep) > 0:
+            self.keep = int(keep)
+            # veRL re-reads these at every save (PPOTrainer._save_checkpoint), on the config object it gave us.
+            with open_dict(trainer_cfg):
+                trainer_cfg.max_actor_ckpt_to_keep = None
+                trainer_cfg.remove_previous_ckpt_in_save = False
+
+    # ------------------------------------------------------------------ veRL's seam
+    def on_save(self, trainer: Any, global_step: int, checkpoint_dir: str, async_save: bool = False,
+                **kwargs: Any) -> None:
+        """veRL's hook after each save: pin the step directory, queue it for upload once its metrics arrive, rotate.
+
+        Args:
+            trainer: The veRL trainer (``total_training_steps`` tells the final save; its worker group, rank 0's node).
+            global_step: The step just saved.
+            checkpoint_dir: Its ``global_step_N`` directory.
+        """
+        step_dir = Path(checkpoint_dir).resolve()
+        final = global_step >= int(getattr(trainer, "total_training_steps", global_step))
+        if self._node_id is None:
+            self._node_id = _rank0_node_id(trainer) or ""  # "": not found (asked once), any node
+        if self._unsubmitted is not None:  # the previous save never got its metrics: send it without
+            self._submit(*self._unsubmitted, metrics=None)
+            self._unsubmitted = None
+        if self.strategy != "end" or final:
+            self._unsubmitted = (step_dir, int(global_step), final)
+        self._saved.append(step_dir)
+        self._rotate()
+
+    def on_step_metrics(self, global_step: int, metrics: dict[str, Any]) -> None:
+        """Submit this step's checkpoint (if any) with its metrics; called by the trainer after veRL computes them."""
+        if self._unsubmitted is not None and self._unsubmitted[1] == int(global_step):
+            self._submit(*self._unsubmitted, metrics=headline_step_metrics(metrics))
+            self._unsubmitted = None
+
+    # ------------------------------------------------------------------ end of run
+    def finish(self, *, timeout: float | None = None) -> list[UploadJob]:
+        """Wait for the uploads (progress every ``PROGRESS_EVERY_S``), report, rotate; raise if ``fail_on_error``.
+
+        Returns:
+            Every upload job of the run.
+
+        Raises:
+            UploadFailedError: an upload failed and ``hf_upload.fail_on_error`` is true.
+        """
+        if self._finished:
+            return list(self._bg.jobs) if self._bg else []
+        self._finished = True
+        if self._unsubmitted is not None:
+            self._submit(*self._unsubmitted, metrics=None)
+            self._unsubmitted = None
+        if self._bg is None:
+            return []
+        started, deadline = time.monotonic(), None if timeout is None else time.monotonic() + timeout
+        while not self._bg.wait(PROGRESS_EVERY_S):
+            running = [j for j in self._bg.jobs if j.state in ("running", "queued")]
+            _log(f"waiting for the Hub upload of step(s) {', '.join(str(j.step) for j in running)} "
+                 f"({time.monotonic() - started:.0f}s so far)")
+            if deadline is not None and time.monotonic() > deadline:
+                break
+        jobs = self._bg.finish(timeout=0)
+        if self._actor is not None:
+            ray.kill(self._actor)
+            self._actor = None
+        self._rotate()
+        failed = [j for j in jobs if j.state == "failed"]
+        if failed and self.fail_on_error:
+            raise UploadFailedError(f"{len(failed)} Hub upload(s) failed (hf_upload.fail_on_error=true); see the "
+                                    "[hf_upload] ERROR lines above for the command that finishes them")
+        return jobs
+
+    # ------------------------------------------------------------------ internals
+    def _submit(self, step_dir: Path, step: int, final: bool, *, metrics: dict[str, float] | None) -> None:
+        if self._bg is None:
+            self._bg = BackgroundUploader(self._upload_on_rank0_node, on_done=self._report)
+        self._bg.submit(step_dir, step, final=final, metrics=metrics)
+        _log(f"step {step}: {'final ' if final else ''}upload to {self.settings['repo_id']} queued")
+
+    def _upload_on_rank0_node(self, checkpoint_dir: Path, step: int, metrics: dict[str, float] | None) -> dict:
+        if self._actor is None:
+            options: dict[str, Any] = {}
+            if self._node_id:
+                from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+                options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=self._node_id, soft=False)
+            self._actor = _UploadActor.options(**options).remote(self.settings)
+        out = ray.get(self._actor.upload.remote(str(checkpoint_dir), step, metrics))
+        if not out["ok"]:
+            raise UploadFailedError(out["error"], pending_marker=out.get("marker"))
+        return out
+
+    def _report(self, job: UploadJob) -> None:
+        if job.state == "done":
+            _log(f"step {job.step}: uploaded {job.result['summary']}")
+            return
+        step_dir = job.checkpoint_dir
+        marker = getattr(job.error, "pending_marker", None)
+        reason = str(job.error).split("; finish it later with:")[0].rstrip(". ")
+        if marker:
+            _log(f"ERROR step {job.step}: {reason}. upload_pending.json left in {step_dir}; finish the job with: "
+                 f"python utils/hf_uploader.py resume {step_dir}", error=True)
+        else:
+            _log(f"ERROR step {job.step}: {reason}. Retry with: python utils/hf_uploader.py upload {step_dir} "
+                 f"--repo-id {self.settings['repo_id']}", error=True)
+
+    def _rotate(self) -> None:
+        """Delete ``actor/`` of step dirs beyond ``keep`` (as veRL would), except pinned ones; oldest first."""
+        if not self.keep or len(self._saved) <= self.keep:
+            return
+        pinned = set(self._bg.pinned_dirs()) if self._bg else set()
+        if self._unsubmitted is not None:
+            pinned.add(self._unsubmitted[0])
+        for step_dir in list(self._saved[: len(self._saved) - self.keep]):
+            if step_dir in pinned:
+                continue  # an upload reads it; deleted by a later save or at finish
+            _log(f"rotation: removing {step_dir / 'actor'} (max_actor_ckpt_to_keep={self.keep})")
+            shutil.rmtree(step_dir / "actor", ignore_errors=True)
+            self._saved.remove(step_dir)
+
+
+def _rank0_node_id(trainer: Any) -> str | None:
+    """Ray node id of actor rank 0 (where uploads run); ``None`` (any node) if veRL's worker group is not there."""
+    try:
+        worker = trainer.actor_rollout_wg.workers[0]
+        return ray.get(worker.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
+    except Exception as e:  # noqa: BLE001 - best effort: a single-node run does not care
+        _log(f"cannot locate actor rank 0 ({type(e).__name__}); uploads run on any node")
+        return None
