@@ -1,0 +1,217 @@
+"""Write veRL's own FSDP2 checkpoint layout, for any world size, from a consolidated model + ``optimizer.pt``.
+
+The inverse of :mod:`utils.load_fsdp_to_hf`: a resume snapshot (see :mod:`utils.resume_state`) becomes exactly what
+veRL 0.9.1's ``FSDPCheckpointManager.load_checkpoint`` reads on each rank, at the *current* world size W::
+
+    RUN_DIR/global_step_N/actor/model_world_size_W_rank_r.pt        {name: DTensor Shard(0) on a 1-D ('fsdp',) mesh}
+    RUN_DIR/global_step_N/actor/optim_world_size_W_rank_r.pt        optimizer.state_dict(): ids in parameters() order,
+                                                                    exp_avg/exp_avg_sq sharded like their parameter
+    RUN_DIR/global_step_N/actor/extra_state_world_size_W_rank_r.pt  {"lr_scheduler": ..., "rng": ...}
+    RUN_DIR/global_step_N/actor/fsdp_config.json, actor/huggingface/  (config, generation config, tokenizer)
+    RUN_DIR/global_step_N/data.pt, curriculum_state.json, lineage.json
+    RUN_DIR/latest_checkpointed_iteration.txt                        written last
+
+DTensors need a process group, so W gloo processes are spawned (as veRL's own ranks would be); each reads the
+consolidated files memory-mapped and writes its own three files. ``distribute_tensor(..., src_data_rank=None)``
+cuts each rank's slice locally with torch's own ``Shard(0)`` rule (``torch.chunk``; FSDP2's state dict uses the
+same), so no tensor travels between processes.
+
+RNG and lr scheduler: every rank's scheduler is the same, so rank 0's is used everywhere. RNG states are per rank:
+at the saved world size each rank gets its own; at another world size every rank gets rank 0's (there is no
+meaningful map from W to W' generators; sampling stays seeded, it just does not replay the old per-rank streams).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from utils.errors import CheckpointError, OptimizerMismatchError
+from utils.resume_state import CURRICULUM_FILE, LINEAGE_FILE, RESUME_DIR
+
+__all__ = ["write_verl_checkpoint", "ReshardError", "load_consolidated_weights"]
+
+logger = logging.getLogger(__name__)
+
+# Files of a consolidated folder that are not side files of veRL's actor/huggingface/ folder.
+_NOT_SIDE_FILES = ("pytorch_model", "model.safetensors", "model-", "optimizer.pt", "README.md", "trainer_state.json")
+
+
+class ReshardError(CheckpointError):
+    """The snapshot cannot be turned into veRL shards (missing files, a run directory that already has the step)."""
+
+
+def load_consolidated_weights(folder: Path) -> dict[str, Any]:
+    """Every tensor of a consolidated folder (bin or safetensors, sharded or not), memory-mapped where possible.
+
+    Raises:
+        ReshardError: no weight files in ``folder``.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    st = sorted(folder.glob("model*.safetensors"))
+    bins = sorted(folder.glob("pytorch_model*.bin"))
+    out: dict[str, Any] = {}
+    for f in st:
+        out.update(load_file(f))
+    for f in bins:
+        out.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+    if not out:
+        raise ReshardError(f"{folder} holds no model weights (pytorch_model*.bin or model*.safetensors)")
+    return out
+
+
+def write_verl_checkpoint(
+    snapshot_dir: str | Path,
+    run_dir: str | Path,
+    world_size: int,
+    *,
+    step: int,
+    weights_only: bool = False,
+) -> Path:
+    """Reshard a consolidated snapshot into veRL's checkpoint layout for ``world_size`` under ``run_dir``.
+
+    Args:
+        snapshot_dir: Consolidated folder: config/tokenizer, weights, ``optimizer.pt``, ``resume/`` (from
+            :func:`utils.resume_state.stage_resume_files`).
+        run_dir: veRL's ``trainer.default_local_dir``; ``global_step_{step}`` is created inside it.
+        world_size: The world size of the run that will load it (``n_gpus_per_node * nnodes``).
+        step: The global step the snapshot was saved at.
+        weights_only: Write only the model shards (no optimizer/extra state); veRL must then be told to load only
+            the model (``actor.checkpoint.load_contents=[model]``).
+
+    Returns:
+        The ``global_step_{step}`` directory.
+
+    Raises:
+        ReshardError: ``global_step_{step}`` already exists in ``run_dir``, or the snapshot lacks a required file.
+        OptimizerMismatchError: ``optimizer.pt`` names parameters the model does not have (or misses some).
+
+    Example:
+        >>> write_verl_checkpoint("snap/exp-a", "checkpoints/run", world_size=8, step=300)  # doctest: +SKIP
+        PosixPath('checkpoints/run/global_step_300')
+    """
+    import torch.multiprocessing as mp
+
+    snapshot_dir, run_dir = Path(snapshot_dir).resolve(), Path(run_dir).resolve()
+    if world_size < 1:
+        raise ReshardError(f"world_size must be >= 1, got {world_size}")
+    target = run_dir / f"global_step_{step}"
+    if target.exists():
+        raise ReshardError(f"{target} already exists; remove it, or point --out / trainer.default_local_dir at an "
+                           "empty directory.")
+    required = ["config.json"] + ([] if weights_only else ["optimizer.pt", f"{RESUME_DIR}/extra_state_rank_0.pt"])
+    missing = [r for r in required if not (snapshot_dir / r).is_file()]
+    if missing:
+        raise ReshardError(f"{snapshot_dir} lacks {', '.join(missing)}: it is not a resume snapshot "
+                           "(uploaded with hf_upload.strategy=checkpoint).")
+    saved_ws = len(list((snapshot_dir / RESUME_DIR).glob("extra_state_rank_*.pt")))
+    if not weights_only and saved_ws != world_size:
+        logger.warning("Resharding from world size %d to %d: every rank gets rank 0's RNG state (the lr scheduler "
+                       "is the same on all ranks).", saved_ws, world_size)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".global_step_{step}.", dir=run_dir))  # same filesystem: atomic rename
+    try:
+        actor = staging / "actor"
+        actor.mkdir()
+        _check_optimizer_names(snapshot_dir, weights_only)
+        with tempfile.TemporaryDirectory() as tmp:
+            mp.start_processes(_rank_worker, args=(world_size, str(snapshot_dir), str(actor), weights_only,
+                                                   os.path.join(tmp, "init")),
+                               nprocs=world_size, start_method="spawn")
+        (actor / "fsdp_config.json").write_text(json.dumps({"FSDP_version": 2, "world_size": world_size}, indent=4))
+        hf = actor / "huggingface"
+        hf.mkdir()
+        for f in sorted(snapshot_dir.iterdir()):
+            if f.is_file() and not f.name.startswith(_NOT_SIDE_FILES):
+                shutil.copyfile(f, hf / f.name)
+        for name in ("data.pt", CURRICULUM_FILE, LINEAGE_FILE):
+            if (snapshot_dir / RESUME_DIR / name).is_file():
+                shutil.copyfile(snapshot_dir / RESUME_DIR / name, staging / name)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    (run_dir / "latest_checkpointed_iteration.txt").write_text(str(step))
+    logger.info("Wrote veRL checkpoint %s for world size %d", target, world_size)
+    return target
+
+
+def _check_optimizer_names(snapshot_dir: Path, weights_only: bool) -> None:
+    """Fail in the parent, with names, before W processes start: optimizer.pt must cover exactly the parameters."""
+    if weights_only:
+        return
+    import torch
+
+    from utils.model_config import load_expected_model
+
+    expected = load_expected_model(snapshot_dir)
+    full = torch.load(snapshot_dir / "optimizer.pt", map_location="cpu", weights_only=True, mmap=True)
+    names = [n for g in full["param_groups"] for n in g["params"]]
+    extra, missing = sorted(set(names) - set(expected.param_names)), sorted(set(expected.param_names) - set(names))
+    if extra or missing:
+        raise OptimizerMismatchError(
+            f"{snapshot_dir / 'optimizer.pt'} does not match the model of {snapshot_dir / 'config.json'}: parameters "
+            f"only in the optimizer {extra[:5]}, only in the model {missing[:5]}.")
+
+
+def _rank_worker(rank: int, world_size: int, snapshot_dir: str, actor_dir: str, weights_only: bool,
+                 init_file: str) -> None:
+    """One rank: join the gloo group, cut this rank's slices, write veRL's three per-rank files."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from utils.model_config import load_expected_model
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        snap, actor = Path(snapshot_dir), Path(actor_dir)
+        # veRL's FSDP2 mesh on one node: 1-D, named 'fsdp', on the device type of the ranks ("cpu" here; a GPU run
+        # unpickles the mesh with its own device type when it loads, as it does for its own files).
+        mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("fsdp",))
+
+        def shard(t: torch.Tensor) -> Any:
+            t = t.float() if t.is_floating_point() else t  # veRL's FSDP2 masters are fp32
+            return distribute_tensor(t.contiguous(), mesh, [Shard(0)], src_data_rank=None)
+
+        expected = load_expected_model(snap)
+        weights = load_consolidated_weights(snap)
+        model_sd: dict[str, Any] = {}
+        for key in expected.shapes:  # model.state_dict() order, tied aliases included (one DTensor, two names)
+            source = key if key in weights else expected.aliases.get(key, key)
+            if key in expected.aliases and expected.aliases[key] in model_sd:
+                model_sd[key] = model_sd[expected.aliases[key]]
+                continue
+            if source not in weights:
+                raise ReshardError(f"{snap}: weight '{key}' is missing from the consolidated files")
+            model_sd[key] = shard(weights[source])
+        torch.save(model_sd, actor / f"model_world_size_{world_size}_rank_{rank}.pt")
+        del model_sd, weights
+        if weights_only:
+            return
+        full = torch.load(snap / "optimizer.pt", map_location="cpu", weights_only=True, mmap=True)
+        ids = {name: i for i, name in enumerate(expected.param_names)}  # torch numbers params in parameters() order
+        state = {}
+        for name, entry in full["state"].items():
+            state[ids[name]] = {k: shard(v) if isinstance(v, torch.Tensor) and v.ndim > 0 else
+                                (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in entry.items()}
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [ids[n] for n in g["params"]]}
+                  for g in full["param_groups"]]
+        torch.save({"state": dict(sorted(state.items())), "param_groups": groups},
+                   actor / f"optim_world_size_{world_size}_rank_{rank}.pt")
+        own = snap / RESUME_DIR / f"extra_state_rank_{rank}.pt"
+        saved_ws = len(list((snap / RESUME_DIR).glob("extra_state_rank_*.pt")))
+        src = own if saved_ws == world_size else snap / RESUME_DIR / "extra_state_rank_0.pt"
+        shutil.copyfile(src, actor / f"extra_state_world_size_{world_size}_rank_{rank}.pt")
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
