@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +75,6 @@ def stage_resume_files(step_dir: Path, folder: Path, *, step: int, world_size: i
         "format_version": FORMAT_VERSION,
         "global_step": int(step),
         "world_size": int(world_size),
-        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "has_optimizer": (folder / "optimizer.pt").is_file(),
         "lr_scheduler": _scheduler_summary(resume / "extra_state_rank_0.pt"),
         "dataloader": _dataloader_summary(resume / "data.pt"),
