@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.errors import CheckpointError, OptimizerMismatchError
+from utils.model_config import ExpectedModel, load_expected_model
 from utils.resume_state import CURRICULUM_FILE, LINEAGE_FILE, RESUME_DIR
 
 __all__ = ["write_verl_checkpoint", "ReshardError", "load_consolidated_weights"]
@@ -121,9 +122,11 @@ def write_verl_checkpoint(
     try:
         actor = staging / "actor"
         actor.mkdir()
-        _check_optimizer_names(snapshot_dir, weights_only)
+        # Built once here (transformers on the meta device), handed to the ranks: they import torch only.
+        expected = load_expected_model(snapshot_dir)
+        _check_optimizer_names(snapshot_dir, expected, weights_only)
         with tempfile.TemporaryDirectory() as tmp:
-            mp.start_processes(_rank_worker, args=(world_size, str(snapshot_dir), str(actor), weights_only,
+            mp.start_processes(_rank_worker, args=(world_size, str(snapshot_dir), str(actor), weights_only, expected,
                                                    os.path.join(tmp, "init")),
                                nprocs=world_size, start_method="spawn")
         (actor / "fsdp_config.json").write_text(json.dumps({"FSDP_version": 2, "world_size": world_size}, indent=4))
@@ -144,15 +147,12 @@ def write_verl_checkpoint(
     return target
 
 
-def _check_optimizer_names(snapshot_dir: Path, weights_only: bool) -> None:
+def _check_optimizer_names(snapshot_dir: Path, expected: ExpectedModel, weights_only: bool) -> None:
     """Fail in the parent, with names, before W processes start: optimizer.pt must cover exactly the parameters."""
     if weights_only:
         return
     import torch
 
-    from utils.model_config import load_expected_model
-
-    expected = load_expected_model(snapshot_dir)
     full = torch.load(snapshot_dir / "optimizer.pt", map_location="cpu", weights_only=True, mmap=True)
     names = [n for g in full["param_groups"] for n in g["params"]]
     extra, missing = sorted(set(names) - set(expected.param_names)), sorted(set(expected.param_names) - set(names))
@@ -163,14 +163,12 @@ def _check_optimizer_names(snapshot_dir: Path, weights_only: bool) -> None:
 
 
 def _rank_worker(rank: int, world_size: int, snapshot_dir: str, actor_dir: str, weights_only: bool,
-                 init_file: str) -> None:
+                 expected: ExpectedModel, init_file: str) -> None:
     """One rank: join the gloo group, cut this rank's slices, write veRL's three per-rank files."""
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
-
-    from utils.model_config import load_expected_model
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
@@ -183,7 +181,6 @@ def _rank_worker(rank: int, world_size: int, snapshot_dir: str, actor_dir: str, 
             t = t.float() if t.is_floating_point() else t  # veRL's FSDP2 masters are fp32
             return distribute_tensor(t.contiguous(), mesh, [Shard(0)], src_data_rank=None)
 
-        expected = load_expected_model(snap)
         weights = load_consolidated_weights(snap)
         model_sd: dict[str, Any] = {}
         for key in expected.shapes:  # model.state_dict() order, tied aliases included (one DTensor, two names)
