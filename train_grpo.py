@@ -36,6 +36,7 @@ def main(cfg: DictConfig) -> None:
     from training.trainer import GRPOTaskRunner, prepare_config
 
     prepare_config(cfg)
+    validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
     # issue 5: hf_upload.resume - bootstrap an empty Hub namespace, or pull + reshard its newest snapshot (before Ray)
     from training.hub_resume import ResumeError, resume_from_hub
     from utils.hub_errors import HubUploadError
@@ -45,7 +46,6 @@ def main(cfg: DictConfig) -> None:
     except (ResumeError, HubUploadError) as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
-    validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
     run_ppo(cfg, task_runner_class=GRPOTaskRunner)
 
 

@@ -81,7 +81,9 @@ def runs(hub_server, tmp_path_factory):
 
 
 def test_empty_namespace_gets_step_0_before_the_first_step(runs):
-    assert runs["tags_after_first"] == ["exp-step-0"]
+    # exp-step-0 is the bootstrap; with the trainer's upload hook merged, its own exp-step-2 may be there too (and
+    # the test's upload below then finds identical bytes and skips)
+    assert "exp-step-0" in runs["tags_after_first"] and set(runs["tags_after_first"]) <= {"exp-step-0", "exp-step-2"}
     log = (runs["tmp"] / "first.log").read_text()
     assert log.index("bootstrapping it with") < log.index("step:1 -")
     assert sorted(runs["first"]) == [1, 2]
@@ -134,7 +136,7 @@ def test_trainer_state_on_the_hub_describes_the_snapshot(runs, hub_server):
     state = snap.state
     assert snap.tag == "exp-step-2" and snap.resumable
     assert state["global_step"] == 2 and state["world_size"] == 2 and state["has_optimizer"]
-    assert state["dataloader"].get("_num_yielded", 2) == 2
+    assert state["dataloader"]["batches_yielded"] == 2
     assert state["lr_scheduler"]["last_epoch"] == 2
     assert state["verl_version"] == "0.9.1" and len(state["config_hash"]) == 16
     assert {"resume/extra_state_rank_0.pt", "resume/extra_state_rank_1.pt", "resume/data.pt", "optimizer.pt",

@@ -6,7 +6,7 @@
       namespace: exp-a          # one experiment per subfolder; tags exp-a-step-N
       strategy: checkpoint      # every upload is a resume snapshot (model + optimizer + trainer state)
       resume: auto              # auto | never | required
-      bootstrap_from: null      # a local HF folder or veRL global_step_N to seed an empty namespace with
+      # +hf_upload.bootstrap_from=PATH: a local HF folder or veRL global_step_N to seed an empty namespace with
 
 :func:`resume_from_hub` (one call in ``train_grpo.py``, after the config checks, before ``run_ppo``):
 

@@ -142,5 +142,9 @@ def _dataloader_summary(data_pt: Path) -> dict[str, Any]:
         sd = torch.load(data_pt, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - a summary only
         return {"error": f"{type(e).__name__}: {e}"}
-    keys = ("_num_yielded", "_iterator_finished", "_sampler_iter_yielded")
-    return {k: sd[k] for k in keys if isinstance(sd, dict) and k in sd}
+    if not isinstance(sd, dict):
+        return {}
+    # StatefulDataLoader: counters at the top level without workers, under _snapshot/_main_snapshot with workers
+    main = (sd.get("_snapshot") or {}).get("_main_snapshot") or sd
+    out = {"batches_yielded": main.get("_num_yielded"), "iterator_finished": sd.get("_iterator_finished")}
+    return {k: v for k, v in out.items() if v is not None}
