@@ -55,6 +55,8 @@ def test_reshard_gathers_back_to_ground_truth_exactly(snapshot, tmp_path, world)
         assert [tuple(p.to_local().shape) for p in parts] == [tuple(c.shape) for c in full.chunk(world)] + \
             [(0, *full.shape[1:])] * (world - len(full.chunk(world))), key
         assert torch.equal(torch.cat([p.to_local() for p in parts]), full), key
+        # each rank file holds its own rows only (a saved view would drag the whole tensor into every file)
+        assert all(p.to_local().untyped_storage().nbytes() == p.to_local().numel() * 4 for p in parts), key
 
     optims = _gather(tmp_path / "run", ck.step, "optim", world)
     true_opt = truth["optim"]
@@ -124,3 +126,19 @@ def test_reshard_refuses_an_existing_step_and_a_weights_only_folder(snapshot, tm
     with pytest.raises(ReshardError, match="optimizer.pt"):
         write_verl_checkpoint(tmp_path / "w", tmp_path / "run2", 1, step=ck.step)
     assert not (tmp_path / "run2").exists() or not any((tmp_path / "run2").iterdir())
+
+
+def test_reshard_keeps_tied_weights_tied(fsdp_checkpoints, tmp_path):
+    """Tied embeddings (Qwen2.5 <= 3B): both names in every rank file, one storage, as FSDP2's state_dict has it."""
+    ck = fsdp_checkpoints["w3_tied"]
+    truth = load_ground_truth(ck)
+    snap = tmp_path / "snap"
+    consolidate_checkpoint(ck.actor_dir, snap, include_optimizer=True, dtype="fp32", progress=False)
+    stage_resume_files(ck.step_dir, snap, step=ck.step, world_size=ck.world_size)
+    write_verl_checkpoint(snap, tmp_path / "run", 2, step=ck.step)
+    models = _gather(tmp_path / "run", ck.step, "model", 2)
+    assert "lm_head.weight" in models[0] and list(models[0]) == list(truth["model"])
+    for m in models:
+        assert m["lm_head.weight"].to_local().data_ptr() == m["model.embed_tokens.weight"].to_local().data_ptr()
+    for key, full in truth["model"].items():
+        assert torch.equal(torch.cat([m[key].to_local() for m in models]), full), key

@@ -12,9 +12,10 @@ veRL 0.9.1's ``FSDPCheckpointManager.load_checkpoint`` reads on each rank, at th
     RUN_DIR/latest_checkpointed_iteration.txt                        written last
 
 DTensors need a process group, so W gloo processes are spawned (as veRL's own ranks would be); each reads the
-consolidated files memory-mapped and writes its own three files. ``distribute_tensor(..., src_data_rank=None)``
-cuts each rank's slice locally with torch's own ``Shard(0)`` rule (``torch.chunk``; FSDP2's state dict uses the
-same), so no tensor travels between processes.
+consolidated files and writes its own three files. Each rank reads only its own rows (``safe_open().get_slice``
+or a memory-mapped ``.bin``/``optimizer.pt``), cut by torch's ``Shard(0)`` rule (``torch.chunk``, which FSDP2's
+state dicts use) and wrapped with ``DTensor.from_local``: no tensor travels between processes and a rank's memory
+peak is its shard.
 
 RNG and lr scheduler: every rank's scheduler is the same, so rank 0's is used everywhere. RNG states are per rank:
 at the saved world size each rank gets its own; at another world size every rank gets rank 0's (there is no
@@ -35,7 +36,7 @@ from utils.errors import CheckpointError, OptimizerMismatchError
 from utils.model_config import ExpectedModel, load_expected_model
 from utils.resume_state import CURRICULUM_FILE, LINEAGE_FILE, RESUME_DIR
 
-__all__ = ["write_verl_checkpoint", "ReshardError", "load_consolidated_weights"]
+__all__ = ["write_verl_checkpoint", "ReshardError", "ConsolidatedWeights", "load_consolidated_weights", "shard_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,26 +48,66 @@ class ReshardError(CheckpointError):
     """The snapshot cannot be turned into veRL shards (missing files, a run directory that already has the step)."""
 
 
-def load_consolidated_weights(folder: Path) -> dict[str, Any]:
-    """Every tensor of a consolidated folder (bin or safetensors, sharded or not), memory-mapped where possible.
+class ConsolidatedWeights:
+    """Read rows of the tensors of a consolidated folder (bin or safetensors, sharded or not) without loading it.
+
+    Each rank reads only its own rows: safetensors through ``safe_open(...).get_slice`` (reads just those bytes),
+    ``.bin`` through a memory-mapped ``torch.load`` (only the touched pages are read). Peak memory per rank is its
+    shard, not the model.
 
     Raises:
         ReshardError: no weight files in ``folder``.
     """
-    import torch
-    from safetensors.torch import load_file
 
-    folder = Path(folder)
-    st = sorted(folder.glob("model*.safetensors"))
-    bins = sorted(folder.glob("pytorch_model*.bin"))
-    out: dict[str, Any] = {}
-    for f in st:
-        out.update(load_file(f))
-    for f in bins:
-        out.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
-    if not out:
-        raise ReshardError(f"{folder} holds no model weights (pytorch_model*.bin or model*.safetensors)")
-    return out
+    def __init__(self, folder: Path):
+        import torch
+        from safetensors import safe_open
+
+        folder = Path(folder)
+        self._st: dict[str, Any] = {}
+        self._bin: dict[str, Any] = {}
+        self._handles = []
+        for f in sorted(folder.glob("model*.safetensors")):
+            h = safe_open(str(f), framework="pt")
+            self._handles.append(h)
+            self._st.update({k: h for k in h.keys()})  # noqa: SIM118 - safe_open is not a Mapping
+        for f in sorted(folder.glob("pytorch_model*.bin")):
+            self._bin.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+        if not self._st and not self._bin:
+            raise ReshardError(f"{folder} holds no model weights (pytorch_model*.bin or model*.safetensors)")
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._st or key in self._bin
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._st[key].get_slice(key).get_shape()) if key in self._st else tuple(self._bin[key].shape)
+
+    def rows(self, key: str, start: int, stop: int) -> Any:
+        """``tensor[start:stop]`` as a fresh tensor (0-d tensors: the value)."""
+        if key in self._st:
+            sl = self._st[key].get_slice(key)
+            return sl[:] if not sl.get_shape() else sl[start:stop]
+        t = self._bin[key]
+        return (t[start:stop] if t.ndim else t).clone()
+
+
+def load_consolidated_weights(folder: Path) -> dict[str, Any]:
+    """Every tensor of a consolidated folder, in memory (for checks and small models; resharding reads rows only)."""
+    w = ConsolidatedWeights(folder)
+    return {k: w.rows(k, 0, w.shape(k)[0] if w.shape(k) else 0) for k in [*w._st, *w._bin]}
+
+
+def shard_rows(n: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of rank ``rank`` under ``Shard(0)``: torch.chunk's rule (ceil-sized chunks, the last
+    ones short or empty), which DTensor and FSDP2's state dicts use.
+
+    Example:
+        >>> [shard_rows(10, 4, r) for r in range(4)], shard_rows(2, 3, 2)
+        ([(0, 3), (3, 6), (6, 9), (9, 10)], (2, 2))
+    """
+    size = -(-n // world_size)
+    start = min(rank * size, n)
+    return start, min(start + size, n)
 
 
 def write_verl_checkpoint(
@@ -168,7 +209,7 @@ def _rank_worker(rank: int, world_size: int, snapshot_dir: str, actor_dir: str, 
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Shard
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
@@ -177,20 +218,28 @@ def _rank_worker(rank: int, world_size: int, snapshot_dir: str, actor_dir: str, 
         # unpickles the mesh with its own device type when it loads, as it does for its own files).
         mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("fsdp",))
 
-        def shard(t: torch.Tensor) -> Any:
-            t = t.float() if t.is_floating_point() else t  # veRL's FSDP2 masters are fp32
-            return distribute_tensor(t.contiguous(), mesh, [Shard(0)], src_data_rank=None)
+        def local(rows: torch.Tensor, full_shape: tuple[int, ...]) -> Any:
+            """This rank's rows as a DTensor: no communication, and a compact storage (a view would make
+            torch.save write the whole underlying tensor into every rank file)."""
+            rows = rows.float() if rows.is_floating_point() else rows  # veRL's FSDP2 masters are fp32
+            rows = rows.contiguous().clone()
+            full = torch.Size(full_shape)
+            stride = torch.empty(full, device="meta").stride()
+            return DTensor.from_local(rows, mesh, [Shard(0)], run_check=False, shape=full, stride=stride)
 
-        weights = load_consolidated_weights(snap)
+        weights = ConsolidatedWeights(snap)
         model_sd: dict[str, Any] = {}
         for key in expected.shapes:  # model.state_dict() order, tied aliases included (one DTensor, two names)
-            source = key if key in weights else expected.aliases.get(key, key)
             if key in expected.aliases and expected.aliases[key] in model_sd:
                 model_sd[key] = model_sd[expected.aliases[key]]
                 continue
+            source = key if key in weights else expected.aliases.get(key, key)
             if source not in weights:
                 raise ReshardError(f"{snap}: weight '{key}' is missing from the consolidated files")
-            model_sd[key] = shard(weights[source])
+            shape = weights.shape(source)
+            if shape != expected.shapes[key]:
+                raise ReshardError(f"{snap}: weight '{key}' has shape {shape}, config.json says {expected.shapes[key]}")
+            model_sd[key] = local(weights.rows(source, *shard_rows(shape[0], world_size, rank)), shape)
         torch.save(model_sd, actor / f"model_world_size_{world_size}_rank_{rank}.pt")
         del model_sd, weights
         if weights_only:
@@ -199,8 +248,10 @@ def _rank_worker(rank: int, world_size: int, snapshot_dir: str, actor_dir: str, 
         ids = {name: i for i, name in enumerate(expected.param_names)}  # torch numbers params in parameters() order
         state = {}
         for name, entry in full["state"].items():
-            state[ids[name]] = {k: shard(v) if isinstance(v, torch.Tensor) and v.ndim > 0 else
-                                (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in entry.items()}
+            state[ids[name]] = {
+                k: local(v[slice(*shard_rows(v.shape[0], world_size, rank))], tuple(v.shape))
+                if isinstance(v, torch.Tensor) and v.ndim > 0 else (v.clone() if isinstance(v, torch.Tensor) else v)
+                for k, v in entry.items()}
         groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [ids[n] for n in g["params"]]}
                   for g in full["param_groups"]]
         torch.save({"state": dict(sorted(state.items())), "param_groups": groups},
