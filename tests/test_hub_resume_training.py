@@ -111,3 +111,20 @@ def test_incompatible_architecture_and_weights_only(alice, tmp_path, step_dir, t
     out = resume_from_hub(cfg)
     assert out.action == "weights_only" and out.step == 2
     assert cfg.actor_rollout_ref.model.path != str(hf_dir) and cfg.trainer.resume_mode == "auto"
+
+
+def test_local_checkpoint_seeds_only_a_new_namespace(alice, tmp_path, step_dir, tiny_model_dir):
+    repo = "alice/bootstrap-local"
+    hf_dir = step_dir / "actor" / "huggingface"
+    cfg = _cfg(tmp_path, repo, "exp", hf_dir)
+    cfg.hf_upload.bootstrap_from = str(step_dir)  # a veRL global_step_N: consolidated, pushed as step-0
+    assert resume_from_hub(cfg).action == "bootstrap"
+    api = HuggingFaceUploader(repo, token=alice).client.api
+    files = set(api.list_repo_files(repo, revision="exp-step-0"))
+    assert "exp/pytorch_model.bin" in files and "exp/optimizer.pt" not in files
+    head = api.list_repo_refs(repo).branches[0].target_commit
+
+    cfg = _cfg(tmp_path, repo, "exp", hf_dir)
+    cfg.hf_upload.bootstrap_from = str(tiny_model_dir)  # the namespace exists: the Hub wins, nothing is pushed
+    assert resume_from_hub(cfg).action == "weights_only"
+    assert api.list_repo_refs(repo).branches[0].target_commit == head
