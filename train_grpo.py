@@ -39,12 +39,13 @@ def main(cfg: DictConfig) -> None:
     validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
     # issue 5: hf_upload.resume - bootstrap an empty Hub namespace, or pull + reshard its newest snapshot (before Ray)
     from training.hub_resume import ResumeError, resume_from_hub
+    from utils.errors import CheckpointError
     from utils.hub_errors import HubUploadError
 
     try:
         resume_from_hub(cfg)
-    except (ResumeError, HubUploadError) as e:
-        print(f"config error: {e}", file=sys.stderr)
+    except (ResumeError, HubUploadError, CheckpointError) as e:
+        print(f"hf_upload.resume: {e}", file=sys.stderr)
         sys.exit(2)
     run_ppo(cfg, task_runner_class=GRPOTaskRunner)
 
