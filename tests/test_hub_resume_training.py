@@ -76,7 +76,7 @@ def test_resumable_snapshot_is_resharded_for_this_world_size(alice, tmp_path, st
     HuggingFaceUploader(repo, token=alice, strategy="checkpoint", namespace="exp", private=True,
                         progress=False).upload_from_checkpoint_dir(step_dir)
     hf_dir = fsdp_checkpoints["w2_untied"].actor_dir / "huggingface"
-    cfg = _cfg(tmp_path, repo, "exp", hf_dir, world=1, resume="required")
+    cfg = _cfg(tmp_path, repo, "exp", hf_dir, world=2, resume="required")
     out = resume_from_hub(cfg)
     assert out.action == "resumed" and out.step == 2 and out.run_id == "run-abc"
     import os
@@ -86,10 +86,13 @@ def test_resumable_snapshot_is_resharded_for_this_world_size(alice, tmp_path, st
     assert cfg.trainer.resume_mode == "resume_path" and cfg.trainer.resume_from_path == out.step_dir
     actor = tmp_path / "ckpt" / "global_step_2" / "actor"
     assert sorted(p.name for p in actor.glob("*_rank_*.pt")) == sorted(
-        f"{k}_world_size_1_rank_{r}.pt" for k in ("model", "optim", "extra_state") for r in range(1))
+        f"{k}_world_size_2_rank_{r}.pt" for k in ("model", "optim", "extra_state") for r in range(2))
+    for r in (0, 1):  # the saved world size: each rank gets its own RNG stream back, byte for byte
+        name = f"extra_state_world_size_2_rank_{r}.pt"
+        assert (actor / name).read_bytes() == (step_dir / "actor" / name).read_bytes()
 
     # the same start again: the local checkpoint is as new as the Hub's, veRL resumes it, nothing is rewritten
-    again = resume_from_hub(_cfg(tmp_path, repo, "exp", hf_dir, world=1))
+    again = resume_from_hub(_cfg(tmp_path, repo, "exp", hf_dir, world=2))
     assert again.action == "local" and again.step == 2
 
     # another optimizer, another architecture: clear errors naming the difference
