@@ -136,6 +136,10 @@ def write_verl_checkpoint(
         ReshardError: ``global_step_{step}`` already exists in ``run_dir``, or the snapshot lacks a required file.
         OptimizerMismatchError: ``optimizer.pt`` names parameters the model does not have (or misses some).
 
+    Note:
+        The ranks are started with ``spawn``, which re-imports the caller's ``__main__``: call this from a script
+        under ``if __name__ == "__main__":`` (the CLI and ``train_grpo.py`` are).
+
     Example:
         >>> write_verl_checkpoint("snap/exp-a", "checkpoints/run", world_size=8, step=300)  # doctest: +SKIP
         PosixPath('checkpoints/run/global_step_300')
