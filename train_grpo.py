@@ -47,6 +47,16 @@ def main(cfg: DictConfig) -> None:
 
     prepare_config(cfg)
     validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
+    # issue 5: hf_upload.resume - bootstrap an empty Hub namespace, or pull + reshard its newest snapshot (before Ray)
+    from training.hub_resume import ResumeError, resume_from_hub
+    from utils.errors import CheckpointError
+    from utils.hub_errors import HubUploadError
+
+    try:
+        resume_from_hub(cfg)
+    except (ResumeError, HubUploadError, CheckpointError) as e:
+        print(f"hf_upload.resume: {e}", file=sys.stderr)
+        sys.exit(2)
     run_ppo(cfg, task_runner_class=GRPOTaskRunner)
 
 

@@ -165,8 +165,12 @@ class ReasoningGymTrainer(PPOTrainerSync):
         return scores, [str(x) for x in _as_list(data["data_source"])]
 
     def _save_checkpoint(self) -> None:
+        folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
+        # issue 5: lineage (tracking run id, config hash, veRL version) beside the shards, for trainer_state.json
+        from training.hub_resume import write_lineage
+
+        write_lineage(self.config, folder)
         if self.curriculum is not None:
-            folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, CURRICULUM_STATE_FILE), "w") as f:
                 json.dump(self.curriculum.state_dict(), f)

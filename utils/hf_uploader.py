@@ -4,6 +4,8 @@
     python utils/hf_uploader.py backfill RUN_DIR  --repo-id alice/qwen-grpo [--steps 100,200]
     python utils/hf_uploader.py resume   [RUN_DIR]
     python utils/hf_uploader.py verify   --repo-id alice/qwen-grpo [--revision step-N] [--against CKPT_DIR]
+    python utils/hf_uploader.py pull     --repo-id alice/qwen-grpo [--namespace NS] [--revision step-N] \\
+                                         --world-size W --out RUN_DIR
 
 (also ``python -m utils.hf_uploader ...``). The token comes from ``HF_TOKEN`` (or ``hf auth login``); the Hub from
 ``HF_ENDPOINT`` or ``--endpoint``. What lands on the Hub: ``main`` holds the newest model at its root, every upload
@@ -43,6 +45,7 @@ from utils.hub_errors import (
 )
 from utils.hub_push import PushPlan, execute_push, plan_push, tag_for_step
 from utils.model_card import CardInfo, headline_metrics, render_model_card
+from utils.resume_state import stage_resume_files
 from utils.upload_state import (
     PendingUpload,
     clear_pending,
@@ -188,7 +191,9 @@ class HuggingFaceUploader:
         weights_format: ``"bin"`` or ``"safetensors"``.
         dtype: ``"auto"`` (the checkpoint's config dtype), ``"bf16"``, ``"fp16"`` or ``"fp32"``.
         max_shard_size: Largest weight file, e.g. ``"5GB"``.
-        strategy: ``end``, ``every_save`` or ``checkpoint`` (``checkpoint`` also uploads ``optimizer.pt``).
+        strategy: ``end``, ``every_save`` or ``checkpoint`` (``checkpoint`` also uploads ``optimizer.pt``, veRL's
+            trainer state under ``resume/`` and ``trainer_state.json``, and writes fp32 weights when ``dtype`` is
+            ``auto``: a resume snapshot, see :mod:`utils.resume_state`).
         model_card: Generate ``README.md`` (a hand-written one on the Hub is always kept).
         card_info: Extra card facts: ``base_model``, ``datasets`` (``{task: weight}``), ``extra`` (table rows).
         namespace: Subfolder of the repo for this experiment (tags become ``<namespace>-step-N``).
@@ -231,7 +236,8 @@ class HuggingFaceUploader:
         self.optimizer_save_mode = validate_optimizer_save_mode(optimizer_save_mode)
         self.weights_format = _check_choice("weights_format", weights_format, VALID_WEIGHT_FORMATS)
         self.strategy = _check_choice("strategy", strategy, VALID_STRATEGIES)
-        self.dtype = dtype
+        # A resume snapshot must hold veRL's fp32 master weights, not a rounded copy: `auto` means fp32 there.
+        self.dtype = "fp32" if strategy == "checkpoint" and dtype == "auto" else dtype
         self.max_shard_size = max_shard_size
         self.model_card = model_card
         self.card_info = dict(card_info or {})
@@ -318,6 +324,8 @@ class HuggingFaceUploader:
             staging = Path(tempfile.mkdtemp(prefix=f"hf_upload_step{step}_", dir=self.staging_dir))
             try:
                 consolidation = self._consolidate(checkpoint_dir, staging / "model", step, model_name)
+                if self.strategy == "checkpoint":  # issue 5: what resume needs, hashed, beside the model
+                    stage_resume_files(step_dir, staging / "model", step=step, world_size=consolidation.world_size)
                 result = self._upload(staging / "model", step, metrics=metrics, commit_message=commit_message,
                                       consolidation=consolidation, base_model=model_name, started=started,
                                       pending_dir=step_dir, checkpoint_dir=checkpoint_dir)

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--model-name", default=None, help="base model folder: fallback for config/tokenizer")
         sp.add_argument("--no-model-card", dest="model_card", action="store_false")
         sp.add_argument("--staging-dir", default=None, help="where to consolidate (default: TMPDIR)")
+        sp.add_argument("--strategy", default="end", choices=["end", "every_save", "checkpoint"],
+                        help="checkpoint: also upload optimizer.pt + trainer state (a resume snapshot)")
+        sp.add_argument("--namespace", default="", help="subfolder of the repo for this experiment")
 
     up = sub.add_parser("upload", help="consolidate one checkpoint and upload it")
     up.add_argument("checkpoint_dir", help=".../global_step_N (or its actor/ folder)")
@@ -73,7 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--format", dest="weights_format", default=None, choices=["bin", "safetensors"])
     vf.add_argument("--dtype", default=None)
     vf.add_argument("--no-load", dest="load", action="store_false", help="skip the transformers load check")
-    for sp in (up, bf, rs, vf):  # accepted after the sub-command too
+    pl = sub.add_parser("pull", help="download the newest complete resume snapshot and write veRL's checkpoint "
+                                     "layout for a world size")
+    pl.add_argument("--repo-id", required=True)
+    pl.add_argument("--namespace", default="", help="the experiment's subfolder (default: the repo root)")
+    pl.add_argument("--revision", default=None, help="step-N (or N); default: the newest complete snapshot")
+    pl.add_argument("--world-size", type=int, required=True, help="GPUs of the run that will load it")
+    pl.add_argument("--out", required=True, help="run directory (veRL's trainer.default_local_dir)")
+    pl.add_argument("--weights-only", action="store_true", help="accept a snapshot without optimizer state")
+    for sp in (up, bf, rs, vf, pl):  # accepted after the sub-command too
         sp.add_argument("--endpoint", default=argparse.SUPPRESS, help="Hub URL (default: HF_ENDPOINT)")
     return p
 
@@ -84,7 +95,7 @@ def _uploader(args: argparse.Namespace):
     return HuggingFaceUploader(args.repo_id, args.organization, args.private, args.optimizer_save_mode,
                                endpoint=args.endpoint, weights_format=args.weights_format, dtype=args.dtype,
                                max_shard_size=args.max_shard_size, model_card=args.model_card,
-                               staging_dir=args.staging_dir)
+                               staging_dir=args.staging_dir, strategy=args.strategy, namespace=args.namespace)
 
 
 def _cmd_upload(args: argparse.Namespace) -> int:
@@ -166,12 +177,24 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from utils.hub_resume import pull_snapshot
+
+    snap, step_dir = pull_snapshot(args.repo_id, args.out, args.world_size, args.namespace, revision=args.revision,
+                                   endpoint=args.endpoint, allow_weights_only=args.weights_only)
+    what = "model + optimizer + trainer state" if snap.resumable else "model weights only"
+    print(f"{args.repo_id}@{snap.tag} ({snap.commit[:8]}): {what} -> {step_dir} (world size {args.world_size}); "
+          f"start veRL with trainer.default_local_dir={Path(args.out).resolve()} trainer.resume_mode=auto")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handler = {"upload": _cmd_upload, "backfill": _cmd_backfill, "resume": _cmd_resume, "verify": _cmd_verify}
+    handler = {"upload": _cmd_upload, "backfill": _cmd_backfill, "resume": _cmd_resume, "verify": _cmd_verify,
+               "pull": _cmd_pull}
     try:
         return handler[args.command](args)
     except HubUploadError as e:

@@ -236,6 +236,8 @@ def _is_managed(path: str, namespace: str) -> bool:
     rel = path[len(ns) + 1:] if ns else path
     if ns and not path.startswith(ns + "/"):
         return False
+    if rel.startswith("resume/"):  # a resume snapshot's trainer state (utils.resume_state): replaced as a whole
+        return "/" not in rel[len("resume/"):]
     return "/" not in rel and any(fnmatch.fnmatch(rel, pattern) for pattern in MANAGED_PATTERNS)
 
 
