@@ -19,7 +19,9 @@ from omegaconf import DictConfig
 
 from training.config_checks import check_run_config
 from training.errors import ConfigError
+from training.hub_resume import ResumeError, resume_from_hub
 from training.hub_upload import setup_hub_upload
+from utils.errors import CheckpointError
 from utils.hub_errors import HubUploadError
 
 
@@ -47,11 +49,8 @@ def main(cfg: DictConfig) -> None:
 
     prepare_config(cfg)
     validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
-    # issue 5: hf_upload.resume - bootstrap an empty Hub namespace, or pull + reshard its newest snapshot (before Ray)
-    from training.hub_resume import ResumeError, resume_from_hub
-    from utils.errors import CheckpointError
-    from utils.hub_errors import HubUploadError
-
+    # hf_upload.resume: bootstrap an empty Hub namespace, or pull + reshard its newest snapshot for this world size
+    # into default_local_dir so veRL's own resume loads it (training/hub_resume.py). Still before Ray starts.
     try:
         resume_from_hub(cfg)
     except (ResumeError, HubUploadError, CheckpointError) as e:
