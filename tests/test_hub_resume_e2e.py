@@ -1,11 +1,12 @@
 """End to end on CPU, real Ray + veRL + FSDP2 (gloo), local Hub server through the real client (issue 5):
 
 1. `first`: an empty namespace, `hf_upload.resume=auto`, world size 2: the tiny model is pushed as `exp-step-0`
-   before training; 2 GRPO steps; the step-2 checkpoint is uploaded with `strategy=checkpoint` (by the test, through
-   `HuggingFaceUploader`: the trainer's upload hook is built in another branch);
-2. `w3` (and `w1` with VERL_GRPO_E2E_FULL=1): fresh, empty local directories at world sizes 3 and 1, `resume=auto`, 3 steps: each pulls the
-   snapshot, reshards it, and veRL trains step 3 only, with the lr schedule continuing (linear warmup: the lr keeps
-   climbing) and the dataloader not replaying (its saved position counts 3 batches, not 1).
+   before training; 2 GRPO steps; the trainer's upload hook pushes the step-2 checkpoint as a resume snapshot
+   (`strategy=checkpoint`: model, optimizer.pt, trainer_state.json);
+2. `w3` (and `w1` with VERL_GRPO_E2E_FULL=1): fresh, empty local directories at world sizes 3 and 1, `resume=auto`,
+   3 steps: each pulls the snapshot, reshards it, and veRL trains step 3 only, with the lr schedule continuing
+   (linear warmup: the lr keeps climbing) and the dataloader not replaying (its saved position counts 3 batches,
+   not 1); the hook then pushes `exp-step-3`, saved at the new world size.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def _world(n: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(hub_server, tmp_path_factory):
-    from utils.hf_uploader import HuggingFaceUploader
+    from huggingface_hub import HfApi
 
     hub_server.come_up()
     hub_server.clear_faults()
@@ -64,10 +65,7 @@ def runs(hub_server, tmp_path_factory):
     try:
         first = run_train(tmp, "first", [*SMALL, *_world(2), f"trainer.default_local_dir={tmp / 'first'}",
                                          "trainer.total_training_steps=2"])
-        tags_after_first = sorted(t.name for t in HuggingFaceUploader(REPO, token=token).client.api
-                                  .list_repo_refs(REPO).tags)
-        up = HuggingFaceUploader(REPO, token=token, strategy="checkpoint", namespace=NS, private=True, progress=False)
-        upload = up.upload_from_checkpoint_dir(tmp / "first" / "global_step_2")
+        tags_after_first = sorted(t.name for t in HfApi(token=token).list_repo_refs(REPO).tags)
         w1 = run_train(tmp, "w1", [*SMALL, *_world(1), f"trainer.default_local_dir={tmp / 'w1'}",
                                    "trainer.total_training_steps=3"]) if FULL else None
         w3 = run_train(tmp, "w3", [*SMALL, *_world(3), f"trainer.default_local_dir={tmp / 'w3'}",
@@ -77,17 +75,15 @@ def runs(hub_server, tmp_path_factory):
             os.environ.pop("HF_TOKEN", None)
         else:
             os.environ["HF_TOKEN"] = old
-    return {"tmp": tmp, "first": first, "w1": w1, "w3": w3, "tags_after_first": tags_after_first, "upload": upload}
+    return {"tmp": tmp, "first": first, "w1": w1, "w3": w3, "tags_after_first": tags_after_first}
 
 
 def test_empty_namespace_gets_step_0_before_the_first_step(runs):
-    # exp-step-0 is the bootstrap; with the trainer's upload hook merged, its own exp-step-2 may be there too (and
-    # the test's upload below then finds identical bytes and skips)
-    assert "exp-step-0" in runs["tags_after_first"] and set(runs["tags_after_first"]) <= {"exp-step-0", "exp-step-2"}
+    # exp-step-0 is the bootstrap, exp-step-2 the upload hook's resume snapshot of the last step
+    assert runs["tags_after_first"] == ["exp-step-0", "exp-step-2"]
     log = (runs["tmp"] / "first.log").read_text()
     assert log.index("bootstrapping it with") < log.index("step:1 -")
     assert sorted(runs["first"]) == [1, 2]
-    assert runs["upload"].tag == "exp-step-2"
     lineage = json.loads((runs["tmp"] / "first" / "global_step_2" / "lineage.json").read_text())
     assert lineage["world_size"] == 2 and lineage["tracking"]["wandb_run_id"]
     assert lineage["compat"]["model"]["architectures"] == ["Qwen2ForCausalLM"]
@@ -132,7 +128,7 @@ def _yielded(state: dict) -> int:
 def test_trainer_state_on_the_hub_describes_the_snapshot(runs, hub_server):
     from utils.hub_resume import find_resume_snapshot
 
-    snap = find_resume_snapshot(REPO, NS, token=hub_server.token_for("alice"))
+    snap = find_resume_snapshot(REPO, NS, revision="exp-step-2", token=hub_server.token_for("alice"))
     state = snap.state
     assert snap.tag == "exp-step-2" and snap.resumable
     assert state["global_step"] == 2 and state["world_size"] == 2 and state["has_optimizer"]
@@ -141,3 +137,11 @@ def test_trainer_state_on_the_hub_describes_the_snapshot(runs, hub_server):
     assert state["verl_version"] == "0.9.1" and len(state["config_hash"]) == 16
     assert {"resume/extra_state_rank_0.pt", "resume/extra_state_rank_1.pt", "resume/data.pt", "optimizer.pt",
             "resume/lineage.json"} <= set(state["files"])
+
+
+def test_the_resumed_run_pushes_its_own_snapshot_saved_at_the_new_world_size(runs, hub_server):
+    from utils.hub_resume import find_resume_snapshot
+
+    snap = find_resume_snapshot(REPO, NS, token=hub_server.token_for("alice"))  # the newest complete one
+    assert snap.tag == "exp-step-3" and snap.resumable
+    assert snap.state["global_step"] == 3 and snap.state["world_size"] == 3

@@ -8,6 +8,7 @@ import json
 import shutil
 
 import pytest
+from huggingface_hub import HfApi
 from omegaconf import OmegaConf
 
 from training.hub_resume import IncompatibleResumeError, ResumeError, resume_from_hub
@@ -16,9 +17,10 @@ from utils.hf_uploader import HuggingFaceUploader
 pytestmark = pytest.mark.slow  # ~25 s: uploads and one resharding run
 
 
-def _cfg(tmp_path, repo, namespace, model_path, *, resume="auto", world=1, optimizer="AdamW"):
+def _cfg(tmp_path, repo, namespace, model_path, *, resume="auto", world=1, optimizer="AdamW", strategy="checkpoint"):
     return OmegaConf.create({
-        "hf_upload": {"enabled": True, "repo_id": repo, "namespace": namespace, "resume": resume, "private": True},
+        "hf_upload": {"enabled": True, "repo_id": repo, "namespace": namespace, "resume": resume, "private": True,
+                      "strategy": strategy},
         "trainer": {"n_gpus_per_node": world, "nnodes": 1, "default_local_dir": str(tmp_path / "ckpt"),
                     "project_name": "p", "experiment_name": "e", "logger": ["console"], "resume_mode": "auto"},
         "actor_rollout_ref": {"model": {"path": str(model_path)},
@@ -69,6 +71,16 @@ def test_required_with_nothing_on_the_hub_fails_clearly(alice, tmp_path, tiny_mo
         resume_from_hub(_cfg(tmp_path, "alice/required-empty", "exp", tiny_model_dir, resume="required"))
     with pytest.raises(ResumeError, match="hf_upload.resume='sometimes'"):
         resume_from_hub(_cfg(tmp_path, "alice/required-empty", "exp", tiny_model_dir, resume="sometimes"))
+
+
+def test_strategies_without_resume_state_neither_bootstrap_nor_pull(alice, tmp_path, tiny_model_dir):
+    # end/every_save upload weights only: a rerun must not silently restart from them (and collide with the tags)
+    repo = "alice/resume-end"
+    out = resume_from_hub(_cfg(tmp_path, repo, "", tiny_model_dir, strategy="end"))
+    assert out.action == "none"
+    assert not HfApi(token=alice).repo_exists(repo)  # no bootstrap: not even the repo was created
+    with pytest.raises(ResumeError, match="required needs hf_upload.strategy=checkpoint"):
+        resume_from_hub(_cfg(tmp_path, repo, "", tiny_model_dir, strategy="every_save", resume="required"))
 
 
 def test_resumable_snapshot_is_resharded_for_this_world_size(alice, tmp_path, step_dir, fsdp_checkpoints):

@@ -108,6 +108,7 @@ def runs(hub_server, tmp_path_factory):
         log_end = _train(tmp, "end_down", [
             "trainer.total_training_steps=1", "trainer.save_freq=-1", f"trainer.default_local_dir={end}",
             "hf_upload.enabled=true", "hf_upload.repo_id=alice/e2e-end", "hf_upload.strategy=end",
+            "hf_upload.resume=never",  # explicit: the Hub goes down right after preflight, before resume would look
         ], env=_env(tmp, HF_TOKEN=ALICE), on_line=down_after_preflight)
         end_seconds = time.monotonic() - started
         pending_after_run = sorted(p.relative_to(end).as_posix() for p in end.rglob("upload_pending.json"))

@@ -10,6 +10,8 @@
 
 :func:`resume_from_hub` (one call in ``train_grpo.py``, after the config checks, before ``run_ppo``):
 
+- only with ``hf_upload.strategy=checkpoint`` (the strategy whose uploads carry resume state); with ``end`` or
+  ``every_save``, ``auto`` does nothing and ``required`` is an error;
 - namespace empty -> **bootstrap**: the initial model (``actor_rollout_ref.model.path``, or ``bootstrap_from``) is
   pushed as ``step-0`` before training; a later start finds ``step-0`` and does not push it again;
 - newest complete snapshot is a resume snapshot -> pull + reshard for this run's world size
@@ -149,7 +151,8 @@ def resume_from_hub(cfg: DictConfig) -> ResumeOutcome:
         A :class:`ResumeOutcome`.
 
     Raises:
-        ResumeError: ``required`` with nothing (or only weights) on the Hub; an unknown ``resume`` value.
+        ResumeError: ``required`` with nothing (or only weights) on the Hub, or without ``strategy=checkpoint``;
+            an unknown ``resume`` value.
         IncompatibleResumeError: the snapshot's model or optimizer differs from this run's, naming the fields.
         Preflight errors of the uploader (token, namespace access).
     """
@@ -160,6 +163,16 @@ def resume_from_hub(cfg: DictConfig) -> ResumeOutcome:
     if mode not in RESUME_MODES:
         raise ResumeError(f"hf_upload.resume={mode!r}: expected one of {', '.join(RESUME_MODES)}")
     if mode == "never":
+        return ResumeOutcome("none")
+    strategy = str(hf.get("strategy", None) or "end")
+    if strategy != "checkpoint":
+        # Only strategy=checkpoint uploads resume snapshots. Resuming (or bootstrapping step-0) for end/every_save
+        # runs would restart a rerun from the last uploaded weights at step 1 and collide with its existing tags.
+        if mode == "required":
+            raise ResumeError(f"hf_upload.resume=required needs hf_upload.strategy=checkpoint (got {strategy!r}): "
+                              "only that strategy uploads the optimizer and trainer state a run resumes from.")
+        logger.info("hf_upload.resume=auto: nothing to do with strategy=%s (set hf_upload.strategy=checkpoint to "
+                    "make this run resumable from the Hub).", strategy)
         return ResumeOutcome("none")
 
     from utils.hf_uploader import HuggingFaceUploader
