@@ -12,36 +12,43 @@ from hydra import compose, initialize_config_dir
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize(
-    "override, message",
-    [
-        ("+reasoning_gym.datasets.no_such_task.weight=1", "no_such_task"),
-        ("reasoning_gym.datasets.chain_sum.weight=0", "weight"),
-        ("actor_rollout_ref.model.path=/nonexistent/model/dir", "/nonexistent/model/dir"),
-        (
-            "reward.custom_reward_function.reward_kwargs.secondary_rewards=[{name: no_such_reward, scaling_factor: 1}]",
-            "no_such_reward",
-        ),
-    ],
-)
-def test_bad_config_fails_with_a_clear_message_before_ray_starts(tmp_path, override, message):
+BAD_CONFIGS = [
+    ("+reasoning_gym.datasets.no_such_task.weight=1", "no_such_task"),
+    ("reasoning_gym.datasets.chain_sum.weight=0", "weight"),
+    ("actor_rollout_ref.model.path=/nonexistent/model/dir", "/nonexistent/model/dir"),
+    (
+        "reward.custom_reward_function.reward_kwargs.secondary_rewards=[{name: no_such_reward, scaling_factor: 1}]",
+        "no_such_reward",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_config_runs(tmp_path_factory) -> dict[str, tuple[int, str, str, float]]:
+    """Every bad config launched at once (each is a real `train_grpo.py` process); override -> (rc, out, err, s)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
-    start = time.monotonic()
-    out = subprocess.run(
-        [sys.executable, str(REPO / "train_grpo.py"), f"hydra.run.dir={tmp_path}", override],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    elapsed = time.monotonic() - start
-    log = out.stdout + out.stderr
-    assert out.returncode == 2, log[-3000:]
-    assert "config error:" in out.stderr and message in out.stderr
+    procs = {}
+    for i, (override, _) in enumerate(BAD_CONFIGS):
+        tmp = tmp_path_factory.mktemp(f"bad{i}")
+        cmd = [sys.executable, str(REPO / "train_grpo.py"), f"hydra.run.dir={tmp}", override]
+        procs[override] = (subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                            text=True), time.monotonic())
+    results = {}
+    for override, (proc, start) in procs.items():
+        out, err = proc.communicate(timeout=180)
+        results[override] = (proc.returncode, out, err, time.monotonic() - start)
+    return results
+
+
+@pytest.mark.parametrize("override, message", BAD_CONFIGS)
+def test_bad_config_fails_with_a_clear_message_before_ray_starts(bad_config_runs, override, message):
+    returncode, stdout, stderr, elapsed = bad_config_runs[override]
+    log = stdout + stderr
+    assert returncode == 2, log[-3000:]
+    assert "config error:" in stderr and message in stderr
     assert "ray init" not in log and "Started a local Ray instance" not in log
     assert "Traceback" not in log
-    assert elapsed < 60, elapsed  # no Ray, no model, no veRL workers: seconds
+    assert elapsed < 90, elapsed  # no Ray, no model, no veRL workers: seconds (four processes share the cores)
 
 
 def test_forced_success_streak_raises_the_level_and_later_prompts_come_from_it(tiny_model_dir):
