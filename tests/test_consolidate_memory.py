@@ -65,7 +65,10 @@ def test_peak_rss_of_a_merge_is_a_small_fraction_of_the_checkpoint(fsdp_checkpoi
     assert ckpt_bytes > 100e6 and largest < ckpt_bytes / 10  # the bound below is meaningful for this input
     # safetensors streams: ~the tensor being assembled plus its source pages. bin buffers one output shard (20 MB).
     # Measured here: 21 MB (safetensors) and 27 MB (bin) for this 106 MB checkpoint; 118 MB without page release.
-    bound = 3 * largest + 8e6 if fmt == "safetensors" else parse_bytes(shard) + 2 * largest + 8e6
+    # Worst case for safetensors: two reused buffers (one assembling, one being written) + the source pages of the
+    # tensor being assembled = 3x the largest tensor; a busy CI box once measured 32.8 MB, so the constant
+    # (allocator arenas, the writer thread's stack, lazily imported modules) gets 16 MB of room.
+    bound = 3 * largest + 16e6 if fmt == "safetensors" else parse_bytes(shard) + 2 * largest + 16e6
     assert delta < bound, f"peak {delta / 1e6:.1f} MB over baseline exceeds {bound / 1e6:.1f} MB"
     assert delta < 0.45 * ckpt_bytes
 
