@@ -240,7 +240,7 @@ def test_server_down_leaves_pending_marker_then_resume_completes(hub, run_copy, 
 def test_token_never_leaks_into_logs_marker_card_or_commits(hub, run_copy, caplog, capfd, tmp_path):
     from huggingface_hub import HfApi
 
-    secret = "hf_MARKERtokenNEVERleak0123456789abcdef"
+    secret = "hf_" + "MARKERtokenNEVERleak0123456789abcdef"  # split: not a token to secret scanners
     hub.users[secret] = "dave"
     caplog.set_level(logging.DEBUG)
     up = HuggingFaceUploader("dave/leak-check", private=True, token=secret, max_attempts=2, **FAST)
