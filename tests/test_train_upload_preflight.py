@@ -101,6 +101,9 @@ def test_unknown_key_and_a_foreign_callback_are_refused(hub, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", hub.token_for("alice"))
     with pytest.raises(InvalidUploadConfigError, match="hf_upload.privte is not a known key"):
         setup_hub_upload(_cfg(repo_id="alice/x", privte=True))
+    # the optional key the README documents as +hf_upload.bootstrap_from=PATH is known
+    assert setup_hub_upload(_cfg(repo_id="alice/pf-bootstrap", bootstrap_from="/some/model")).repo_id == \
+        "alice/pf-bootstrap"
     cfg = _cfg(repo_id="alice/pf-foreign")
     cfg.trainer.checkpoint_callback_class = "my.Callback"
     with pytest.raises(InvalidUploadConfigError, match="checkpoint_callback_class='my.Callback'"):

@@ -175,13 +175,13 @@ def resume_from_hub(cfg: DictConfig) -> ResumeOutcome:
                     "make this run resumable from the Hub).", strategy)
         return ResumeOutcome("none")
 
-    from utils.hf_uploader import HuggingFaceUploader
+    from training.hub_upload import uploader_from_config
     from utils.hub_resume import find_resume_snapshot
 
     namespace = str(hf.get("namespace", None) or "").strip("/")
-    uploader = HuggingFaceUploader(hf.repo_id, hf.get("organization"), bool(hf.get("private", False)),
-                                   endpoint=hf.get("endpoint"), namespace=namespace, progress=False,
-                                   weights_format=str(hf.get("weights_format", "bin")))
+    # The run's own uploader settings (repo, visibility, endpoint, namespace, card), but a plain weights upload:
+    # the step-0 bootstrap has no optimizer or trainer state yet.
+    uploader = uploader_from_config(cfg, progress=False, strategy="end", optimizer_save_mode=None)
     uploader.preflight()
     where = uploader.repo_id + (f" (namespace {namespace})" if namespace else "")
     world = int(cfg.trainer.n_gpus_per_node) * int(cfg.trainer.nnodes)

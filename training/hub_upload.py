@@ -39,7 +39,8 @@ FORCED_SAVE_FREQ = 10**12
 # hf_upload keys consumed here; `token` is never passed on (the uploader reads HF_TOKEN), `enabled`/`fail_on_error`
 # steer the hook, `resume` belongs to the resume-from-Hub feature.
 _KNOWN_KEYS = {"enabled", "repo_id", "organization", "private", "optimizer_save_mode", "strategy", "weights_format",
-               "dtype", "endpoint", "token", "fail_on_error", "max_shard_size", "namespace", "resume"}
+               "dtype", "endpoint", "token", "fail_on_error", "max_shard_size", "namespace", "resume",
+               "bootstrap_from"}  # optional, given as +hf_upload.bootstrap_from=PATH (training/hub_resume.py)
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
