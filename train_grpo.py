@@ -21,8 +21,8 @@ from training.config_checks import check_run_config
 from training.errors import ConfigError
 from training.hub_resume import ResumeError, resume_from_hub
 from training.hub_upload import setup_hub_upload
-from utils.errors import CheckpointError
-from utils.hub_errors import HubUploadError
+from utils.checkpoint.errors import CheckpointError
+from utils.hub.errors import HubUploadError
 
 
 @hydra.main(config_path="training/configs", config_name="cpu_demo", version_base=None)

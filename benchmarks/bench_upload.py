@@ -11,7 +11,7 @@ final upload): ours = ``HuggingFaceUploader.upload_folder`` (remote read, plan, 
 ``HfApi.upload_folder``. Both hash and send the same bytes through the same client. Runs alternate to share noise.
 
 :func:`background_overhead` is the piece the trainer benchmark reuses: it times ``step_fn`` alone and while a
-:class:`utils.background_upload.BackgroundUploader` keeps uploading.
+:class:`utils.hub.background.BackgroundUploader` keeps uploading.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def background_overhead(step_fn: Callable[[], None], upload_fn: Callable[[], Non
         ``{"alone_s": median step, "with_upload_s": median step, "overhead": ratio - 1, "uploads": n,
         "upload_s": mean seconds of one background upload}``.
     """
-    from utils.background_upload import BackgroundUploader
+    from utils.hub.background import BackgroundUploader
 
     alone = []
     for _ in range(steps):

@@ -19,7 +19,7 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec
 from torch.distributed.tensor.placement_types import Partial, _StridedShard
 
 import utils.load_fsdp_to_hf as engine
-from utils.errors import (
+from utils.checkpoint.errors import (
     CheckpointError,
     CorruptShardError,
     FSDP1OptimizerError,
@@ -36,8 +36,8 @@ from utils.errors import (
     UnsupportedPlacementError,
     WorldSizeMismatchError,
 )
+from utils.checkpoint.merge import load_rank_file
 from utils.load_fsdp_to_hf import consolidate_checkpoint
-from utils.merge import load_rank_file
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -231,7 +231,7 @@ def test_bad_arguments_are_value_errors():
 
 @pytest.mark.parametrize("differ", [False, True])
 def test_tied_weights_saved_twice_must_agree(fsdp_checkpoints, tmp_path, differ):
-    from utils.errors import TiedWeightMismatchError
+    from utils.checkpoint.errors import TiedWeightMismatchError
 
     actor = tmp_path / "tied" / "actor"
     shutil.copytree(fsdp_checkpoints["plain_w1"].actor_dir, actor)

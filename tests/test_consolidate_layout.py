@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.checkpoint_layout import detect_layout, find_step_dirs, latest_step, resolve_actor_dir
-from utils.errors import (
+from utils.checkpoint.errors import (
     MissingRankFileError,
     MixedWorldSizeError,
     NotACheckpointError,
     WorldSizeMismatchError,
 )
-from utils.hf_writer import parse_size, plan_shards
-from utils.model_config import resolve_dtype
+from utils.checkpoint.layout import detect_layout, find_step_dirs, latest_step, resolve_actor_dir
+from utils.checkpoint.model_config import resolve_dtype
+from utils.checkpoint.writer import parse_size, plan_shards
 
 
 def _actor(root: Path, step: int, world: int, *, optim: bool = True, cfg: dict | None = None) -> Path:
@@ -132,7 +132,7 @@ def test_safetensors_stream_writer_bytes_follow_the_format_exactly(tmp_path):
 
     from safetensors.torch import load_file
 
-    from utils.hf_writer import SafetensorsStreamWriter
+    from utils.checkpoint.writer import SafetensorsStreamWriter
 
     a, b = torch.tensor([1.0, -2.0]), torch.tensor([[3]], dtype=torch.int64)
     with SafetensorsStreamWriter(tmp_path / "x.safetensors", [("b", (2,), torch.float32), ("a", (1, 1), torch.int64)]) as w:
@@ -148,8 +148,8 @@ def test_safetensors_stream_writer_bytes_follow_the_format_exactly(tmp_path):
 
 
 def test_stream_writer_refuses_out_of_plan_tensors(tmp_path):
-    from utils.errors import OutputVerificationError
-    from utils.hf_writer import SafetensorsStreamWriter
+    from utils.checkpoint.errors import OutputVerificationError
+    from utils.checkpoint.writer import SafetensorsStreamWriter
 
     with pytest.raises(OutputVerificationError, match=r"expected w \(2,\) torch.float32 next, got w \(3,\)"):
         with SafetensorsStreamWriter(tmp_path / "x.safetensors", [("w", (2,), torch.float32)]) as w:
@@ -159,9 +159,9 @@ def test_stream_writer_refuses_out_of_plan_tensors(tmp_path):
 def test_docstring_examples_run():
     import doctest
 
-    import utils.hf_writer
-    import utils.model_config
+    import utils.checkpoint.model_config
+    import utils.checkpoint.writer
 
-    for mod in (utils.hf_writer, utils.model_config):
+    for mod in (utils.checkpoint.writer, utils.checkpoint.model_config):
         result = doctest.testmod(mod)
         assert result.failed == 0 and result.attempted > 0, mod.__name__

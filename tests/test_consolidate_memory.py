@@ -22,7 +22,7 @@ _MEASURE = r"""
 import json, sys
 from pathlib import Path
 from utils.load_fsdp_to_hf import consolidate_checkpoint
-from utils.model_config import load_expected_model
+from utils.checkpoint.model_config import load_expected_model
 actor, out, fmt, shard = sys.argv[1:5]
 load_expected_model(Path(actor) / "huggingface")  # import transformers and the model class before measuring
 

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from utils.hf_uploader import HuggingFaceUploader, resume_pending, upload_checkpoint_to_hf
-from utils.hub_errors import (
+from utils.hub.card import CARD_MARKER
+from utils.hub.errors import (
     InvalidTokenError,
     InvalidUploadConfigError,
     MissingRepoIdError,
@@ -27,7 +28,6 @@ from utils.hub_errors import (
     UploadFailedError,
 )
 from utils.load_fsdp_to_hf import consolidate_checkpoint
-from utils.model_card import CARD_MARKER
 
 ALICE = "hf_alice_local_token"
 FAST = dict(retry_base_delay=0.01, progress=False)  # tests do not wait for real backoff delays

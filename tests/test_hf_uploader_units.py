@@ -8,14 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from utils.background_upload import BackgroundUploader
 from utils.hf_uploader import (
     HuggingFaceUploader,
     _default_message,
     resolve_repo_id,
     validate_optimizer_save_mode,
 )
-from utils.hub_errors import (
+from utils.hub.background import BackgroundUploader
+from utils.hub.card import CardInfo, headline_metrics, is_generated_card, render_model_card
+from utils.hub.errors import (
     InvalidOptimizerSaveModeError,
     InvalidRepoIdError,
     InvalidUploadConfigError,
@@ -23,9 +24,8 @@ from utils.hub_errors import (
     StepNotFoundError,
     redact,
 )
-from utils.hub_push import _is_managed, tag_for_step
-from utils.model_card import CardInfo, headline_metrics, is_generated_card, render_model_card
-from utils.upload_state import PendingUpload, find_pending, read_pending, step_from_path, write_pending
+from utils.hub.pending import PendingUpload, find_pending, read_pending, step_from_path, write_pending
+from utils.hub.push import _is_managed, tag_for_step
 
 
 @pytest.mark.parametrize(("repo_id", "org", "expected"), [
@@ -181,8 +181,8 @@ def test_background_uploader_records_failures_and_keeps_going(tmp_path):
     assert gate.done == [14]
 
 
-@pytest.mark.parametrize("module", ["utils.hf_uploader", "utils.hub_errors", "utils.hub_push", "utils.model_card",
-                                    "utils.upload_state"])
+@pytest.mark.parametrize("module", ["utils.hf_uploader", "utils.hub.errors", "utils.hub.push", "utils.hub.card",
+                                    "utils.hub.pending"])
 def test_docstring_examples_run(module):
     import doctest
     import importlib
@@ -196,7 +196,7 @@ def test_staging_space_is_checked_before_consolidating(tmp_path, monkeypatch):
     from collections import namedtuple
 
     from utils.hf_uploader import check_staging_space
-    from utils.hub_errors import StagingSpaceError
+    from utils.hub.errors import StagingSpaceError
 
     actor = tmp_path / "global_step_1" / "actor"
     actor.mkdir(parents=True)

@@ -12,9 +12,9 @@ import torch
 
 from tests.consolidation_checks import load_ground_truth
 from utils.hf_uploader import HuggingFaceUploader
-from utils.hf_uploader_cli import main as cli_main
-from utils.hub_errors import UploadFailedError
-from utils.hub_resume import IncompleteSnapshotError, find_resume_snapshot, list_snapshots
+from utils.hub.cli import main as cli_main
+from utils.hub.errors import UploadFailedError
+from utils.hub.snapshots import IncompleteSnapshotError, find_resume_snapshot, list_snapshots
 
 pytestmark = pytest.mark.slow  # ~30 s: a few uploads and two resharding runs
 

@@ -126,7 +126,7 @@ def _yielded(state: dict) -> int:
 
 
 def test_trainer_state_on_the_hub_describes_the_snapshot(runs, hub_server):
-    from utils.hub_resume import find_resume_snapshot
+    from utils.hub.snapshots import find_resume_snapshot
 
     snap = find_resume_snapshot(REPO, NS, revision="exp-step-2", token=hub_server.token_for("alice"))
     state = snap.state
@@ -140,7 +140,7 @@ def test_trainer_state_on_the_hub_describes_the_snapshot(runs, hub_server):
 
 
 def test_the_resumed_run_pushes_its_own_snapshot_saved_at_the_new_world_size(runs, hub_server):
-    from utils.hub_resume import find_resume_snapshot
+    from utils.hub.snapshots import find_resume_snapshot
 
     snap = find_resume_snapshot(REPO, NS, token=hub_server.token_for("alice"))  # the newest complete one
     assert snap.tag == "exp-step-3" and snap.resumable

@@ -11,9 +11,9 @@ import torch
 import torch.distributed.tensor  # noqa: F401  (registers DTensor for loading)
 
 from tests.consolidation_checks import load_ground_truth, load_output_state_dict
+from utils.checkpoint.reshard import ReshardError, write_verl_checkpoint
+from utils.hub.resume_state import read_trainer_state, snapshot_problems, stage_resume_files
 from utils.load_fsdp_to_hf import consolidate_checkpoint
-from utils.reshard import ReshardError, write_verl_checkpoint
-from utils.resume_state import read_trainer_state, snapshot_problems, stage_resume_files
 
 pytestmark = pytest.mark.slow  # ~40 s: two FSDP2 writer runs (shared with the engine tests) + three reshards
 

@@ -13,7 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from training.hub_upload_hook import HubUploadCallback
-from utils.hub_errors import UploadFailedError
+from utils.hub.errors import UploadFailedError
 
 
 class _Trainer:

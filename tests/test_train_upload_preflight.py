@@ -15,7 +15,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from training.hub_upload import CALLBACK_CLASS, FORCED_SAVE_FREQ, setup_hub_upload
-from utils.hub_errors import InvalidUploadConfigError
+from utils.hub.errors import InvalidUploadConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = "hf_" + "PreflightMarker3k9Xq2Lw7Zr5Tn8Yb4Vd"  # unknown to the server: a "bad token" (split for scanners)

@@ -176,7 +176,7 @@ def resume_from_hub(cfg: DictConfig) -> ResumeOutcome:
         return ResumeOutcome("none")
 
     from training.hub_upload import uploader_from_config
-    from utils.hub_resume import find_resume_snapshot
+    from utils.hub.snapshots import find_resume_snapshot
 
     namespace = str(hf.get("namespace", None) or "").strip("/")
     # The run's own uploader settings (repo, visibility, endpoint, namespace, card), but a plain weights upload:
@@ -205,7 +205,7 @@ def resume_from_hub(cfg: DictConfig) -> ResumeOutcome:
     _check_compatible(cfg, snap, where)
     run_id = _restore_lineage(snap.state)
     if snap.resumable:
-        from utils.reshard import write_verl_checkpoint
+        from utils.checkpoint.reshard import write_verl_checkpoint
 
         step_dir = write_verl_checkpoint(snap.folder, local_dir, world, step=snap.step)
         with open_dict(cfg):

@@ -24,8 +24,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from utils.hf_uploader import HuggingFaceUploader
-from utils.hub_client import PreflightReport
-from utils.hub_errors import InvalidUploadConfigError
+from utils.hub.client import PreflightReport
+from utils.hub.errors import InvalidUploadConfigError
 
 __all__ = ["CALLBACK_CLASS", "FORCED_SAVE_FREQ", "headline_step_metrics", "setup_hub_upload", "uploader_from_config",
            "uploader_settings"]

@@ -7,7 +7,7 @@ veRL 0.9.1's V1 trainer builds ``trainer.checkpoint_callback_class`` on the driv
   with ``optimizer.pt`` (the uploader's ``strategy`` switch; resumable-state extras live in ``utils/``).
 - Each upload runs in a low-priority Ray actor pinned to the node of actor rank 0 (it reads the shards from
   ``default_local_dir``, the same path the ranks wrote), queued in a
-  :class:`utils.background_upload.BackgroundUploader`: at most one in flight, a newer save replaces a queued older
+  :class:`utils.hub.background.BackgroundUploader`: at most one in flight, a newer save replaces a queued older
   one, the final one is never dropped. The training loop never waits for an upload.
 - A save is submitted once the step's metrics are known (:meth:`HubUploadCallback.on_step_metrics`, called by the
   trainer after veRL computes them), so commit messages and cards carry that step's rewards.
@@ -35,8 +35,8 @@ from omegaconf import open_dict
 from verl.trainer.ppo.checkpoint_callback import CheckpointCallback
 
 from training.hub_upload import headline_step_metrics, uploader_settings
-from utils.background_upload import BackgroundUploader, UploadJob
-from utils.hub_errors import UploadFailedError
+from utils.hub.background import BackgroundUploader, UploadJob
+from utils.hub.errors import UploadFailedError
 
 __all__ = ["HubUploadCallback", "PROGRESS_EVERY_S"]
 

@@ -13,7 +13,7 @@ is tagged ``step-N``, a generated model card unless a hand-written README is the
 An upload that fails after all retries leaves ``upload_pending.json`` in the step directory; ``resume`` finishes it.
 
 The trainer hook uses :class:`HuggingFaceUploader` (``preflight()`` before any worker starts, then
-``upload_from_checkpoint_dir``) and :class:`utils.background_upload.BackgroundUploader` for ``every_save``.
+``upload_from_checkpoint_dir``) and :class:`utils.hub.background.BackgroundUploader` for ``every_save``.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from typing import Any
 if __package__ in (None, ""):  # `python utils/hf_uploader.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.hub_client import HubClient, PreflightReport, check_repo_id
-from utils.hub_errors import (
+from utils.hub.card import CardInfo, headline_metrics, render_model_card
+from utils.hub.client import HubClient, PreflightReport, check_repo_id
+from utils.hub.errors import (
     HubUnreachableError,
     InvalidOptimizerSaveModeError,
     InvalidRepoIdError,
@@ -43,10 +44,7 @@ from utils.hub_errors import (
     TagConflictError,
     UploadFailedError,
 )
-from utils.hub_push import PushPlan, execute_push, plan_push, tag_for_step
-from utils.model_card import CardInfo, headline_metrics, render_model_card
-from utils.resume_state import stage_resume_files
-from utils.upload_state import (
+from utils.hub.pending import (
     PendingUpload,
     clear_pending,
     list_step_dirs,
@@ -54,6 +52,8 @@ from utils.upload_state import (
     step_lock,
     write_pending,
 )
+from utils.hub.push import PushPlan, execute_push, plan_push, tag_for_step
+from utils.hub.resume_state import stage_resume_files
 
 __all__ = [
     "HuggingFaceUploader",
@@ -193,12 +193,12 @@ class HuggingFaceUploader:
         max_shard_size: Largest weight file, e.g. ``"5GB"``.
         strategy: ``end``, ``every_save`` or ``checkpoint`` (``checkpoint`` also uploads ``optimizer.pt``, veRL's
             trainer state under ``resume/`` and ``trainer_state.json``, and writes fp32 weights when ``dtype`` is
-            ``auto``: a resume snapshot, see :mod:`utils.resume_state`).
+            ``auto``: a resume snapshot, see :mod:`utils.hub.resume_state`).
         model_card: Generate ``README.md`` (a hand-written one on the Hub is always kept).
         card_info: Extra card facts: ``base_model``, ``datasets`` (``{task: weight}``), ``extra`` (table rows).
         namespace: Subfolder of the repo for this experiment (tags become ``<namespace>-step-N``).
         staging_dir: Where temporary consolidation folders go (default: the system temp dir, ``TMPDIR``).
-        max_attempts, retry_base_delay: Outer retry of whole commits (see :class:`utils.hub_client.HubClient`).
+        max_attempts, retry_base_delay: Outer retry of whole commits (see :class:`utils.hub.client.HubClient`).
         write_pending_marker: Leave ``upload_pending.json`` in the step directory when an upload fails.
         progress: Show the consolidation progress bar.
 
@@ -307,7 +307,7 @@ class HuggingFaceUploader:
 
         Raises:
             StepNotFoundError: no step given and none in the path.
-            utils.errors.CheckpointError: the checkpoint cannot be consolidated (no marker is written).
+            utils.checkpoint.errors.CheckpointError: the checkpoint cannot be consolidated (no marker is written).
             UploadFailedError: the upload failed after all retries; ``.pending_marker`` names the marker left.
             TagConflictError: ``step-N`` already holds different weights.
         """
@@ -431,8 +431,8 @@ class HuggingFaceUploader:
         return found
 
     def background(self, on_done=None):
-        """A :class:`utils.background_upload.BackgroundUploader` that runs this uploader in a worker thread."""
-        from utils.background_upload import BackgroundUploader
+        """A :class:`utils.hub.background.BackgroundUploader` that runs this uploader in a worker thread."""
+        from utils.hub.background import BackgroundUploader
 
         return BackgroundUploader(lambda d, s, m: self.upload_from_checkpoint_dir(d, step=s, metrics=m),
                                   on_done=on_done)
@@ -549,7 +549,7 @@ def resume_pending(
         ``(step_dir, UploadResult or the exception)`` per marker, in path order. Failures are returned, not raised,
         so one bad marker does not block the others.
     """
-    from utils.upload_state import PENDING_MARKER, read_pending
+    from utils.hub.pending import PENDING_MARKER, read_pending
 
     out: list[tuple[Path, UploadResult | Exception]] = []
     for marker in sorted(Path(run_dir).rglob(PENDING_MARKER)):
@@ -618,8 +618,8 @@ def _description(step: int, consolidation: Any, plan: PushPlan) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit code (see ``utils/hf_uploader_cli.py``)."""
-    from utils.hf_uploader_cli import main as cli_main
+    """CLI entry point; returns the exit code (see ``utils/hub/cli.py``)."""
+    from utils.hub.cli import main as cli_main
 
     return cli_main(argv)
 

@@ -31,8 +31,7 @@ from dataclasses import dataclass, field  # noqa: E402
 
 import torch  # noqa: E402
 
-from utils.checkpoint_layout import CheckpointLayout, detect_layout, find_step_dirs, latest_step  # noqa: E402
-from utils.errors import (  # noqa: E402
+from utils.checkpoint.errors import (  # noqa: E402
     CheckpointError,
     MissingKeyError,
     MissingRankFileError,
@@ -42,7 +41,18 @@ from utils.errors import (  # noqa: E402
     ShapeMismatchError,
     TiedWeightMismatchError,
 )
-from utils.hf_writer import (  # noqa: E402
+from utils.checkpoint.layout import CheckpointLayout, detect_layout, find_step_dirs, latest_step  # noqa: E402
+from utils.checkpoint.merge import RankShards  # noqa: E402
+from utils.checkpoint.model_config import (  # noqa: E402
+    DTYPES,
+    ExpectedModel,
+    copy_side_files,
+    find_config_dir,
+    load_expected_model,
+    resolve_dtype,
+)
+from utils.checkpoint.optimizer import consolidate_optimizer  # noqa: E402
+from utils.checkpoint.writer import (  # noqa: E402
     WEIGHT_FORMATS,
     SafetensorsStreamWriter,
     ShardPlan,
@@ -52,16 +62,6 @@ from utils.hf_writer import (  # noqa: E402
     verify_output,
     write_index,
 )
-from utils.merge import RankShards  # noqa: E402
-from utils.model_config import (  # noqa: E402
-    DTYPES,
-    ExpectedModel,
-    copy_side_files,
-    find_config_dir,
-    load_expected_model,
-    resolve_dtype,
-)
-from utils.optimizer_merge import consolidate_optimizer  # noqa: E402
 
 __all__ = ["ConsolidationResult", "consolidate_checkpoint", "find_step_dirs", "latest_step", "main"]
 

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
-from utils.errors import CorruptShardError, FSDP1OptimizerError, OptimizerMismatchError
-from utils.merge import MappedFiles, assemble, load_rank_file
+from utils.checkpoint.errors import CorruptShardError, FSDP1OptimizerError, OptimizerMismatchError
+from utils.checkpoint.merge import MappedFiles, assemble, load_rank_file
 
 __all__ = ["consolidate_optimizer"]
 
@@ -66,7 +66,7 @@ def consolidate_optimizer(
     Raises:
         FSDP1OptimizerError: FSDP1 flat-parameter state.
         OptimizerMismatchError: ids, count or shapes do not line up with the model's parameters.
-        CorruptShardError, UnsupportedPlacementError, ReplicaMismatchError: see :mod:`utils.merge`.
+        CorruptShardError, UnsupportedPlacementError, ReplicaMismatchError: see :mod:`utils.checkpoint.merge`.
 
     Example:
         >>> consolidate_optimizer(layout.optim_files, expected.param_names, expected.shapes,  # doctest: +SKIP

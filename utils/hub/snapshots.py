@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from utils.hub_client import HubClient
-from utils.hub_errors import HubUploadError
-from utils.hub_push import _step_of_tag, tag_for_step
-from utils.resume_state import TRAINER_STATE_FILE, read_trainer_state, snapshot_problems
+from utils.hub.client import HubClient
+from utils.hub.errors import HubUploadError
+from utils.hub.push import _step_of_tag, tag_for_step
+from utils.hub.resume_state import TRAINER_STATE_FILE, read_trainer_state, snapshot_problems
 
 __all__ = ["ResumeSnapshot", "SnapshotNotFoundError", "IncompleteSnapshotError", "list_snapshots",
            "find_resume_snapshot", "pull_snapshot"]
@@ -193,9 +193,9 @@ def pull_snapshot(
 
     Raises:
         SnapshotNotFoundError: nothing to pull, or only weights when ``allow_weights_only`` is false.
-        IncompleteSnapshotError, utils.reshard.ReshardError, utils.errors.OptimizerMismatchError.
+        IncompleteSnapshotError, utils.checkpoint.reshard.ReshardError, utils.checkpoint.errors.OptimizerMismatchError.
     """
-    from utils.reshard import write_verl_checkpoint
+    from utils.checkpoint.reshard import write_verl_checkpoint
 
     snap = find_resume_snapshot(repo_id, namespace, revision=revision, token=token, endpoint=endpoint,
                                 cache_dir=cache_dir)

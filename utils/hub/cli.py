@@ -17,7 +17,7 @@ from pathlib import Path
 
 from huggingface_hub.errors import RepositoryNotFoundError
 
-from utils.hub_errors import HubUploadError, redact
+from utils.hub.errors import HubUploadError, redact
 
 __all__ = ["main", "build_parser"]
 
@@ -168,7 +168,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from utils.hub_verify import verify_upload
+    from utils.hub.verify import verify_upload
 
     report = verify_upload(args.repo_id, args.revision, args.against, endpoint=args.endpoint,
                            weights_format=args.weights_format, dtype=args.dtype, load=args.load,
@@ -178,7 +178,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
-    from utils.hub_resume import pull_snapshot
+    from utils.hub.snapshots import pull_snapshot
 
     snap, step_dir = pull_snapshot(args.repo_id, args.out, args.world_size, args.namespace, revision=args.revision,
                                    endpoint=args.endpoint, allow_weights_only=args.weights_only)

@@ -28,7 +28,7 @@ import torch
 import torch.distributed.tensor  # noqa: F401  (registers DTensor for weights_only unpickling)
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from utils.errors import (
+from utils.checkpoint.errors import (
     CorruptShardError,
     MissingKeyError,
     ReplicaMismatchError,

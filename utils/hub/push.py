@@ -20,9 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils.hub_client import HubClient, LocalFile, RemoteFile, local_files
-from utils.hub_errors import TagConflictError
-from utils.model_card import is_generated_card
+from utils.hub.card import is_generated_card
+from utils.hub.client import HubClient, LocalFile, RemoteFile, local_files
+from utils.hub.errors import TagConflictError
 
 __all__ = ["PushPlan", "PushOutcome", "plan_push", "execute_push", "tag_for_step", "MANAGED_PATTERNS"]
 
@@ -236,7 +236,7 @@ def _is_managed(path: str, namespace: str) -> bool:
     rel = path[len(ns) + 1:] if ns else path
     if ns and not path.startswith(ns + "/"):
         return False
-    if rel.startswith("resume/"):  # a resume snapshot's trainer state (utils.resume_state): replaced as a whole
+    if rel.startswith("resume/"):  # a resume snapshot's trainer state (utils.hub.resume_state): replaced as a whole
         return "/" not in rel[len("resume/"):]
     return "/" not in rel and any(fnmatch.fnmatch(rel, pattern) for pattern in MANAGED_PATTERNS)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from utils.errors import InvalidModelConfigError, MissingModelConfigError
+from utils.checkpoint.errors import InvalidModelConfigError, MissingModelConfigError
 
 __all__ = ["ExpectedModel", "find_config_dir", "load_expected_model", "resolve_dtype", "DTYPES", "copy_side_files"]
 

@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from utils.hub_verify import sha256_of
+from utils.hub.verify import sha256_of
 
 __all__ = ["TRAINER_STATE_FILE", "LINEAGE_FILE", "RESUME_DIR", "FORMAT_VERSION", "stage_resume_files",
            "snapshot_problems", "read_trainer_state"]

@@ -34,7 +34,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from utils.hub_errors import (
+from utils.hub.errors import (
     HubUnreachableError,
     InvalidRepoIdError,
     InvalidTokenError,

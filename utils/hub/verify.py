@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils.hub_client import HubClient
-from utils.hub_errors import VerificationError
+from utils.hub.client import HubClient
+from utils.hub.errors import VerificationError
 
 __all__ = ["VerifyReport", "verify_upload", "sha256_of"]
 

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils.errors import (
+from utils.checkpoint.errors import (
     CorruptShardError,
     MissingRankFileError,
     MixedWorldSizeError,

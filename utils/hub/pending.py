@@ -20,7 +20,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from utils.hub_errors import PendingUploadError, UploadInProgressError
+from utils.hub.errors import PendingUploadError, UploadInProgressError
 
 __all__ = [
     "PENDING_MARKER",

@@ -19,7 +19,7 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
 
-from utils.errors import OutputVerificationError
+from utils.checkpoint.errors import OutputVerificationError
 
 __all__ = [
     "WEIGHT_FORMATS",

@@ -1,6 +1,6 @@
 """Write veRL's own FSDP2 checkpoint layout, for any world size, from a consolidated model + ``optimizer.pt``.
 
-The inverse of :mod:`utils.load_fsdp_to_hf`: a resume snapshot (see :mod:`utils.resume_state`) becomes exactly what
+The inverse of :mod:`utils.load_fsdp_to_hf`: a resume snapshot (see :mod:`utils.hub.resume_state`) becomes exactly what
 veRL 0.9.1's ``FSDPCheckpointManager.load_checkpoint`` reads on each rank, at the *current* world size W::
 
     RUN_DIR/global_step_N/actor/model_world_size_W_rank_r.pt        {name: DTensor Shard(0) on a 1-D ('fsdp',) mesh}
@@ -32,9 +32,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from utils.errors import CheckpointError, OptimizerMismatchError
-from utils.model_config import ExpectedModel, load_expected_model
-from utils.resume_state import CURRICULUM_FILE, LINEAGE_FILE, RESUME_DIR
+from utils.checkpoint.errors import CheckpointError, OptimizerMismatchError
+from utils.checkpoint.model_config import ExpectedModel, load_expected_model
+from utils.hub.resume_state import CURRICULUM_FILE, LINEAGE_FILE, RESUME_DIR
 
 __all__ = ["write_verl_checkpoint", "ReshardError", "ConsolidatedWeights", "load_consolidated_weights", "shard_rows"]
 
@@ -122,7 +122,7 @@ def write_verl_checkpoint(
 
     Args:
         snapshot_dir: Consolidated folder: config/tokenizer, weights, ``optimizer.pt``, ``resume/`` (from
-            :func:`utils.resume_state.stage_resume_files`).
+            :func:`utils.hub.resume_state.stage_resume_files`).
         run_dir: veRL's ``trainer.default_local_dir``; ``global_step_{step}`` is created inside it.
         world_size: The world size of the run that will load it (``n_gpus_per_node * nnodes``).
         step: The global step the snapshot was saved at.
