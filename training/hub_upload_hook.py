@@ -6,7 +6,11 @@ veRL 0.9.1's V1 trainer builds ``trainer.checkpoint_callback_class`` on the driv
 - ``end``: uploads the checkpoint of the last step only; ``every_save``: every save; ``checkpoint``: every save
   with ``optimizer.pt`` (the uploader's ``strategy`` switch; resumable-state extras live in ``utils/``).
 - Each upload runs in a low-priority Ray actor pinned to the node of actor rank 0 (it reads the shards from
-  ``default_local_dir``, the same path the ranks wrote), queued in a
+  ``default_local_dir``, the same path the ranks wrote). On a multi-node run the files of ranks on other nodes (and
+  the trainer's ``data.pt``/``lineage.json``) reach it through a small reader actor per node
+  (``training/cluster_gather.py``) when they are not already there (node-local disks); on shared storage nothing is
+  copied. A node that died or a missing shard fails that upload with the rank and node named, ``upload_pending.json``
+  and the command that finishes the job once the node is back. Uploads are queued in a
   :class:`utils.hub.background.BackgroundUploader`: at most one in flight, a newer save replaces a queued older
   one, the final one is never dropped. The training loop never waits for an upload.
 - A save is submitted once the step's metrics are known (:meth:`HubUploadCallback.on_step_metrics`, called by the
@@ -17,8 +21,8 @@ veRL 0.9.1's V1 trainer builds ``trainer.checkpoint_callback_class`` on the driv
 - Checkpoint rotation: veRL's ranks delete old ``global_step_N/actor`` folders beyond ``max_actor_ckpt_to_keep``
   (``BaseCheckpointManager.register_checkpoint``), which would pull shards from under a running consolidation. With
   background uploads this callback takes rotation over: it sets veRL's limit to ``None`` and deletes the same
-  folders itself after each save, skipping the pinned ones (uploading or queued) until they are released.
-  Multi-node runs need ``default_local_dir`` on a shared filesystem anyway (rank 0's node reads every shard).
+  folders itself after each save, skipping the pinned ones (uploading or queued) until they are released, on
+  every node that holds files of the run (through the readers).
 """
 
 from __future__ import annotations
@@ -34,14 +38,17 @@ import ray
 from omegaconf import open_dict
 from verl.trainer.ppo.checkpoint_callback import CheckpointCallback
 
+from training.cluster_gather import ClusterLayout, locate_ranks, start_readers
 from training.hub_upload import headline_step_metrics, uploader_settings
 from utils.hub.background import BackgroundUploader, UploadJob
 from utils.hub.errors import UploadFailedError
 
-__all__ = ["HubUploadCallback", "PROGRESS_EVERY_S"]
+__all__ = ["HubUploadCallback", "PROGRESS_EVERY_S", "CLUSTER_RESUME_COMMAND"]
 
 PROGRESS_EVERY_S = 15.0
 UPLOAD_NICENESS = 10
+# Finishes an upload whose gather failed (a node was down): joins the cluster, finds the ranks' files, uploads.
+CLUSTER_RESUME_COMMAND = "python -m training.cluster_upload resume"
 
 
 def _log(msg: str, *, error: bool = False) -> None:
@@ -56,25 +63,61 @@ def _log(msg: str, *, error: bool = False) -> None:
 class _UploadActor:
     """Consolidates + uploads checkpoints, one call at a time, in a low-priority process on rank 0's node."""
 
-    def __init__(self, settings: dict[str, Any]):
+    def __init__(self, settings: dict[str, Any], token: str | None = None):
         try:  # hashing and copying yield the CPU to the training ranks on the same node
             os.nice(UPLOAD_NICENESS)
         except OSError:
             pass
         self.settings = settings
+        # The token arrives as an argument, not through the runtime environment: Ray's runtime_env agent logs
+        # env_vars in clear (runtime_env_agent.log), and a joined cluster's workers do not inherit the driver's env.
+        self.token = token
 
-    def upload(self, checkpoint_dir: str, step: int, metrics: dict[str, float] | None) -> dict:
-        """Returns a plain, picklable dict (``ok`` and a summary, or the error and the pending marker)."""
-        from utils.hf_uploader import HuggingFaceUploader  # the token comes from HF_TOKEN, inherited from the driver
+    def upload(self, checkpoint_dir: str, step: int, metrics: dict[str, float] | None,
+               gather: dict[str, Any] | None = None) -> dict:
+        """Returns a plain, picklable dict (``ok`` and a summary, or the error and the pending marker).
+
+        ``gather`` (multi-node runs): ``{"layout": ClusterLayout, "readers": {node id: ShardReader}}``; the files of
+        other nodes are copied here first (nothing moves on shared storage) and removed after a successful upload.
+        """
+        from utils.hf_uploader import HuggingFaceUploader
 
         try:
-            result = HuggingFaceUploader(**self.settings).upload_from_checkpoint_dir(checkpoint_dir, step=step,
-                                                                                      metrics=metrics)
+            uploader = HuggingFaceUploader(token=self.token, **self.settings)
+            report = None
+            if gather is not None and _hub_answers(uploader):  # a Hub that refuses: no bytes moved for nothing
+                from training.cluster_upload import gather_for_upload
+
+                report, failure = gather_for_upload(uploader, Path(checkpoint_dir), step, metrics, **gather)
+                if failure is not None:
+                    return failure
+            result = uploader.upload_from_checkpoint_dir(checkpoint_dir, step=step, metrics=metrics)
         except UploadFailedError as e:
-            return {"ok": False, "error": str(e), "marker": e.pending_marker}
+            out = {"ok": False, "error": str(e), "marker": e.pending_marker}
+            if gather is not None and e.pending_marker:  # other nodes' files are needed: only a cluster resume works
+                from training.cluster_upload import resume_command
+
+                out["resume_command"] = resume_command(checkpoint_dir)
+            return out
         except Exception as e:  # noqa: BLE001 - reported by the driver; e.g. a corrupt checkpoint
             return {"ok": False, "error": f"{type(e).__name__}: {e}".splitlines()[0], "marker": None}
-        return {"ok": True, "summary": result.summary(), "tag": result.tag, "commit": result.commit_sha}
+        summary = result.summary()
+        if report is not None:
+            report.remove_fetched()  # each node keeps only its own ranks' files
+            summary += f"; {report.summary()}"
+        return {"ok": True, "summary": summary, "tag": result.tag, "commit": result.commit_sha,
+                "bytes_gathered": report.bytes_moved if report else 0}
+
+
+def _hub_answers(uploader: Any) -> bool:
+    """Preflight before gathering; ``False`` if the Hub is unreachable (the upload then fails with its marker)."""
+    from utils.hub.errors import HubUnreachableError
+
+    try:
+        uploader.preflight()
+    except HubUnreachableError:
+        return False
+    return True
 
 
 class HubUploadCallback(CheckpointCallback):
@@ -94,6 +137,8 @@ class HubUploadCallback(CheckpointCallback):
         self._unsubmitted: tuple[Path, int, bool] | None = None  # saved, waiting for the step's metrics
         self._bg: BackgroundUploader | None = None
         self._node_id: str | None = None
+        self._layout: ClusterLayout | None = None  # where the ranks write (multi-node runs)
+        self._readers: dict[str, Any] = {}  # node id -> ShardReader, multi-node runs only
         self._actor: Any = None  # the _UploadActor, started by the first upload
         self._finished = False
         if self.strategy != "end":
@@ -124,7 +169,7 @@ class HubUploadCallback(CheckpointCallback):
         step_dir = Path(checkpoint_dir).resolve()
         final = global_step >= int(getattr(trainer, "total_training_steps", global_step))
         if self._node_id is None:
-            self._node_id = _rank0_node_id(trainer) or ""  # "": not found (asked once), any node
+            self._locate(trainer)
         if self._unsubmitted is not None:  # the previous save never got its metrics: send it without
             self._submit(*self._unsubmitted, metrics=None)
             self._unsubmitted = None
@@ -169,6 +214,9 @@ class HubUploadCallback(CheckpointCallback):
             ray.kill(self._actor)
             self._actor = None
         self._rotate()
+        for reader in self._readers.values():
+            ray.kill(reader)
+        self._readers = {}
         failed = [j for j in jobs if j.state == "failed"]
         if failed and self.fail_on_error:
             raise UploadFailedError(f"{len(failed)} Hub upload(s) failed (hf_upload.fail_on_error=true); see the "
@@ -176,6 +224,22 @@ class HubUploadCallback(CheckpointCallback):
         return jobs
 
     # ------------------------------------------------------------------ internals
+    def _locate(self, trainer: Any) -> None:
+        """Find each actor rank's node (veRL's worker group); start a reader per node on a multi-node run."""
+        try:
+            self._layout = locate_ranks(trainer.actor_rollout_wg)
+        except Exception as e:  # noqa: BLE001 - best effort: a single-node run does not care
+            _log(f"cannot locate the actor ranks ({type(e).__name__}); uploads run on any node")
+            self._node_id = ""  # "": not found (asked once), any node
+            return
+        self._node_id = self._layout.rank_nodes[0]
+        if self._layout.multi_node():
+            root = Path(str(self.config.trainer.default_local_dir)).resolve()
+            self._readers = start_readers(self._layout.nodes(), root)
+            where = ", ".join(f"rank {r}: {self._layout.label(n)}" for r, n in enumerate(self._layout.rank_nodes))
+            _log(f"multi-node run ({where}; trainer on {self._layout.label(self._layout.trainer_node)}): uploads "
+                 "gather the files of other nodes through Ray when they are not on rank 0's disk")
+
     def _submit(self, step_dir: Path, step: int, final: bool, *, metrics: dict[str, float] | None) -> None:
         if self._bg is None:
             self._bg = BackgroundUploader(self._upload_on_rank0_node, on_done=self._report)
@@ -189,10 +253,13 @@ class HubUploadCallback(CheckpointCallback):
                 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
                 options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=self._node_id, soft=False)
-            self._actor = _UploadActor.options(**options).remote(self.settings)
-        out = ray.get(self._actor.upload.remote(str(checkpoint_dir), step, metrics))
+            self._actor = _UploadActor.options(**options).remote(self.settings, os.environ.get("HF_TOKEN") or None)
+        gather = {"layout": self._layout, "readers": self._readers} if self._readers else None
+        out = ray.get(self._actor.upload.remote(str(checkpoint_dir), step, metrics, gather))
         if not out["ok"]:
-            raise UploadFailedError(out["error"], pending_marker=out.get("marker"))
+            error = UploadFailedError(out["error"], pending_marker=out.get("marker"))
+            error.resume_command = out.get("resume_command")  # type: ignore[attr-defined]
+            raise error
         return out
 
     def _report(self, job: UploadJob) -> None:
@@ -202,7 +269,11 @@ class HubUploadCallback(CheckpointCallback):
         step_dir = job.checkpoint_dir
         marker = getattr(job.error, "pending_marker", None)
         reason = str(job.error).split("; finish it later with:")[0].rstrip(". ")
-        if marker:
+        command = getattr(job.error, "resume_command", None)
+        if marker and command:
+            _log(f"ERROR step {job.step}: {reason}. upload_pending.json left in {step_dir}; once the node is back, "
+                 f"finish the job with: {command}", error=True)
+        elif marker:
             _log(f"ERROR step {job.step}: {reason}. upload_pending.json left in {step_dir}; finish the job with: "
                  f"python utils/hf_uploader.py resume {step_dir}", error=True)
         else:
@@ -221,14 +292,10 @@ class HubUploadCallback(CheckpointCallback):
                 continue  # an upload reads it; deleted by a later save or at finish
             _log(f"rotation: removing {step_dir / 'actor'} (max_actor_ckpt_to_keep={self.keep})")
             shutil.rmtree(step_dir / "actor", ignore_errors=True)
+            if self._readers:  # node-local disks: the other nodes hold their ranks' shards too (veRL rotates on rank 0)
+                here = ray.get_runtime_context().get_node_id()
+                ray.get([r.remove_tree.remote(str(step_dir / "actor")) for node, r in self._readers.items()
+                         if node != here])
             self._saved.remove(step_dir)
 
 
-def _rank0_node_id(trainer: Any) -> str | None:
-    """Ray node id of actor rank 0 (where uploads run); ``None`` (any node) if veRL's worker group is not there."""
-    try:
-        worker = trainer.actor_rollout_wg.workers[0]
-        return ray.get(worker.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
-    except Exception as e:  # noqa: BLE001 - best effort: a single-node run does not care
-        _log(f"cannot locate actor rank 0 ({type(e).__name__}); uploads run on any node")
-        return None

@@ -35,7 +35,8 @@ TRAINER_MODE = "rg_sync"
 TINY_MODEL_SCHEME = "tiny://"
 CURRICULUM_STATE_FILE = "curriculum_state.json"
 
-__all__ = ["GRPOTaskRunner", "ReasoningGymTrainer", "TRAINER_MODE", "prepare_config", "resolve_model_path"]
+__all__ = ["GRPOTaskRunner", "ReasoningGymTrainer", "TRAINER_MODE", "TaskRunnerLauncher", "prepare_config",
+           "resolve_model_path"]
 
 
 def resolve_model_path(path: str, *, cache_dir: str | None = None) -> str:
@@ -186,6 +187,7 @@ class ReasoningGymTrainer(PPOTrainerSync):
         return result
 
     def _load_checkpoint(self) -> Any:
+        self._place_rank_files()
         result = super()._load_checkpoint()
         if self.curriculum is not None and self.global_steps > 0:
             path = os.path.join(
@@ -198,6 +200,32 @@ class ReasoningGymTrainer(PPOTrainerSync):
         return result
 
 
+    def _place_rank_files(self) -> None:
+        """Multi-node with node-local disks: the step veRL is about to load (``hf_upload.resume`` resharded it on
+        this node) reaches every rank's node first, through Ray (``training/cluster_gather.py``)."""
+        trainer_cfg = self.config.trainer
+        if int(trainer_cfg.get("nnodes", 1)) <= 1:
+            return
+        if trainer_cfg.resume_mode == "resume_path" and trainer_cfg.get("resume_from_path", None):
+            step_dir = str(trainer_cfg.resume_from_path)
+        elif trainer_cfg.resume_mode == "auto":
+            from verl.utils.checkpoint.checkpoint_manager import find_latest_ckpt_path
+
+            step_dir = find_latest_ckpt_path(os.path.abspath(str(trainer_cfg.default_local_dir)))
+        else:
+            return
+        if not step_dir or not os.path.isdir(step_dir):
+            return
+        from training.cluster_gather import locate_ranks, place_rank_files
+
+        layout = locate_ranks(self.actor_rollout_wg)
+        moved = place_rank_files(os.path.abspath(step_dir), layout, os.path.abspath(str(trainer_cfg.default_local_dir)))
+        if moved:  # print: Ray forwards actor stdout to the driver's console; actor loggers are unset
+            print(f"multi-node resume: the ranks' files of {step_dir} are on their nodes ("
+                  + ", ".join(f"{layout.label(n)}: {b / 1e6:.1f} MB copied" for n, b in moved.items()) + ")",
+                  flush=True)
+
+
 def _as_list(values: Any) -> list:
     # TransferQueue hands non-tensor fields back as a list, a NonTensorStack or a numpy array.
     return values.tolist() if hasattr(values, "tolist") else list(values)
@@ -205,7 +233,17 @@ def _as_list(values: Any) -> list:
 
 @ray.remote
 class GRPOTaskRunner(TaskRunnerV1.__ray_actor_class__):  # type: ignore[name-defined, misc]
-    """veRL's V1 task runner that registers ``rg_sync`` in its own Ray process before veRL looks it up."""
+    """veRL's V1 task runner that registers ``rg_sync`` in its own Ray process before veRL looks it up.
+
+    Args:
+        hub_token: The Hub token for the upload hook (an argument: a joined cluster's workers do not inherit the
+            launching shell's ``HF_TOKEN``, and Ray logs runtime-env variables in clear).
+    """
+
+    def __init__(self, hub_token: str | None = None):
+        if hub_token:
+            os.environ["HF_TOKEN"] = hub_token
+        super().__init__()
 
     def run(self, config: DictConfig) -> None:
         # Ray ships this class by value, so the actor process has not imported this module: do it here.
@@ -219,3 +257,41 @@ class GRPOTaskRunner(TaskRunnerV1.__ray_actor_class__):  # type: ignore[name-def
             finish = getattr(getattr(getattr(self, "trainer", None), "checkpoint_callback", None), "finish", None)
             if finish is not None:
                 finish()
+
+
+class TaskRunnerLauncher:
+    """What ``run_ppo(task_runner_class=...)`` gets: it calls ``.remote()`` (or ``.options(...).remote()``).
+
+    Starts :class:`GRPOTaskRunner` on the driver's node (the trainer writes ``data.pt`` and the step tracker
+    there, where ``hf_upload.resume`` prepared them: with node-local disks they must be on the same disk) with the
+    Hub token as an argument.
+
+    Example:
+        >>> run_ppo(cfg, task_runner_class=TaskRunnerLauncher())  # doctest: +SKIP
+    """
+
+    def __init__(self, options: dict[str, Any] | None = None):
+        self._options = dict(options or {})
+
+    def options(self, **options: Any) -> TaskRunnerLauncher:
+        return TaskRunnerLauncher({**self._options, **options})
+
+    def remote(self) -> Any:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = ray.get_runtime_context().get_node_id()
+        options = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=here, soft=False), **self._options}
+        return GRPOTaskRunner.options(**options).remote(hub_token=_hub_token())
+
+
+def _hub_token() -> str | None:
+    """``HF_TOKEN`` (``hf_upload.token`` was moved there), else the saved login of this machine, else ``None``."""
+    token = os.environ.get("HF_TOKEN") or None
+    if token is None:
+        try:
+            from huggingface_hub import get_token
+
+            token = get_token()
+        except Exception:  # noqa: BLE001 - no login is fine: uploads then report the missing token themselves
+            token = None
+    return token
