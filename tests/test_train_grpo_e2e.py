@@ -15,7 +15,18 @@ import json
 
 import pytest
 
+from tests import shared_runs
+
 pytestmark = pytest.mark.slow
+
+# Kept for tests that import them from here: this file's former batch settings (with its save_freq) and runner
+# (returning veRL's per-step metrics). New tests: use tests/shared_runs.py (and its shared runs) directly.
+SMALL = [*shared_runs.SMALL, "trainer.save_freq=2"]
+
+
+def run_train(tmp, name: str, overrides: list[str], *, timeout: int = 420) -> dict[int, dict[str, float]]:
+    """``shared_runs.run_train(...).steps`` (the former signature of this module's helper)."""
+    return shared_runs.run_train(tmp, name, overrides, timeout=timeout).steps
 
 
 def test_two_grpo_steps_write_verls_fsdp2_checkpoint(trained_run):
