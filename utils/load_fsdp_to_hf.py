@@ -4,6 +4,8 @@
     python utils/load_fsdp_to_hf.py checkpoints/run out/model --format safetensors --dtype bf16 --optimizer
     python -m utils.load_fsdp_to_hf CKPT_DIR OUT_DIR [--format bin|safetensors] [--dtype auto|bf16|fp16|fp32]
         [--max-shard-size 5GB] [--optimizer] [--base-model PATH] [--step N] [--overwrite] [--verify] [--quiet]
+        [--lora adapter|merged|both] [--lora-alpha A] [--lora-rank R] [--lora-base-model NAME]
+    python utils/load_fsdp_to_hf.py ckpts/lora_run out/qwen-lora --lora both --lora-base-model Qwen/Qwen2.5-1.5B
 
 The pipeline: detect the layout (world size, rank files) -> read every rank file memory-mapped -> for each tensor,
 assemble it from its DTensor shards by placement, cast, write it, release it -> write the index last -> copy config,
@@ -42,6 +44,7 @@ from utils.checkpoint.errors import (  # noqa: E402
     TiedWeightMismatchError,
 )
 from utils.checkpoint.layout import CheckpointLayout, detect_layout, find_step_dirs, latest_step  # noqa: E402
+from utils.checkpoint.lora import LORA_MODES, LoraLayout, lora_view  # noqa: E402
 from utils.checkpoint.merge import RankShards  # noqa: E402
 from utils.checkpoint.model_config import (  # noqa: E402
     DTYPES,
@@ -82,6 +85,8 @@ class ConsolidationResult:
         world_size, step: of the checkpoint consolidated.
         num_tensors: weight tensors written (tied aliases counted once).
         optimizer_file: ``"optimizer.pt"`` if the optimizer was consolidated.
+        lora: for a LoRA checkpoint, what was written (``mode``, ``r``, ``lora_alpha``, ``target_modules``,
+            ``base_model_name_or_path``, ``adapter_dir``: the PEFT folder relative to ``out_dir``); else ``None``.
     """
 
     out_dir: Path
@@ -96,14 +101,21 @@ class ConsolidationResult:
     num_tensors: int
     optimizer_file: str | None = None
     side_files: list[str] = field(default_factory=list)
+    lora: dict | None = None
 
     def summary(self) -> str:
         gb = self.bytes_written / 1e9
         step = f"step {self.step}" if self.step is not None else "checkpoint"
         return (f"consolidated {step} (W={self.world_size}, {self.source_dtype}) -> {self.out_dir}: {self.num_tensors} "
                 f"tensors, {sum(not f.endswith('.json') for f in self.weight_files)} weight file(s), {self.dtype}, {gb:.2f} GB"
-                f"{' + optimizer.pt' if self.optimizer_file else ''} in {self.seconds:.1f} s "
+                f"{' + optimizer.pt' if self.optimizer_file else ''}{_lora_summary(self.lora)} in {self.seconds:.1f} s "
                 f"({gb / max(self.seconds, 1e-9):.2f} GB/s)")
+
+
+def _lora_summary(lora: dict | None) -> str:
+    if not lora:
+        return ""
+    return f" [LoRA r={lora['r']} alpha={lora['lora_alpha']}: {lora['mode']}]"
 
 
 def _check_against_config(shards: RankShards, expected: ExpectedModel) -> list[str]:
@@ -249,6 +261,10 @@ def consolidate_checkpoint(
     overwrite: bool = False,
     verify: bool = False,
     progress: bool = True,
+    lora: str | None = None,
+    lora_alpha: float | None = None,
+    lora_rank: int | None = None,
+    lora_base_model: str | None = None,
 ) -> ConsolidationResult:
     """Merge a veRL FSDP checkpoint's rank files into a Hugging Face model folder.
 
@@ -264,6 +280,15 @@ def consolidate_checkpoint(
         overwrite: replace a non-empty ``out_dir``.
         verify: also load the result with transformers and compare every tensor bitwise with the shards.
         progress: show a progress bar over bytes on stderr.
+        lora: for a LoRA checkpoint (see :mod:`utils.checkpoint.lora`): ``"adapter"`` (a PEFT folder),
+            ``"merged"`` (a plain model with ``W + B@A*alpha/r`` folded in, fp32 before the final cast) or
+            ``"both"`` (the merged model, and the adapter in ``out_dir/adapter``); default ``None``: merged, so the
+            output loads with ``from_pretrained`` as for any checkpoint. Ignored for a full checkpoint. With
+            ``include_optimizer``, ``optimizer.pt`` holds the LoRA parameters' state only.
+        lora_alpha, lora_rank: override / cross-check veRL's ``lora_train_meta.json``; a checkpoint without it
+            needs ``lora_alpha``.
+        lora_base_model: ``base_model_name_or_path`` written into ``adapter_config.json`` (default:
+            ``base_model``, else the ``_name_or_path`` of the checkpoint's ``config.json``).
 
     Returns:
         A :class:`ConsolidationResult` (files, bytes, seconds, dtype, world size, step).
@@ -275,7 +300,8 @@ def consolidate_checkpoint(
         MissingModelConfigError, InvalidModelConfigError: no usable ``config.json``.
         OutputExistsError, OutputNotWritableError, OutputVerificationError: output problems.
         FSDP1OptimizerError, OptimizerMismatchError: with ``include_optimizer``.
-        ValueError: a bad argument (format, dtype, shard size).
+        LoraMetadataError, LoraError: a LoRA checkpoint without a known alpha, or one that cannot be written as asked.
+        ValueError: a bad argument (format, dtype, shard size, lora mode).
         In every case nothing is left in (or beside) ``out_dir``.
 
     Example:
@@ -289,6 +315,8 @@ def consolidate_checkpoint(
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected auto or one of {sorted(DTYPES)}")
     parse_size(max_shard_size)
+    if lora is not None and lora not in LORA_MODES:
+        raise ValueError(f"lora={lora!r}: expected one of {', '.join(LORA_MODES)}")
     out_dir = Path(out_dir).absolute()
     _check_out_dir(out_dir, overwrite)
 
@@ -300,6 +328,13 @@ def consolidate_checkpoint(
     config_dir = find_config_dir(layout.hf_dir, base_model)
     expected = load_expected_model(config_dir)
     shards = RankShards(layout.model_files)
+    # A LoRA checkpoint: `view` is the merged model (same interface as `shards`), or None for an adapter-only output.
+    lora_layout, view = lora_view(shards, layout.actor_dir, expected, lora, lora_alpha=lora_alpha, lora_rank=lora_rank)
+    if lora_layout is not None and view is None:
+        return _consolidate_adapter(t0, layout, shards, lora_layout, expected, out_dir, dtype=dtype,
+                                    include_optimizer=include_optimizer, base_name=_lora_base_name(
+                                        lora_base_model, base_model, config_dir), overwrite=overwrite)
+    raw, shards = shards, (view if view is not None else shards)
     keys = _check_against_config(shards, expected)
 
     floats = [shards.spec(k).dtype for k in keys if shards.spec(k).dtype.is_floating_point]
@@ -322,8 +357,12 @@ def consolidate_checkpoint(
         _write_weights(shards, plan, tmp, weights_format, dtypes, progress)
         write_index(tmp, plan)
         side_files = copy_side_files(config_dir, tmp, out_dtype)
-        opt_bytes, opt_file = 0, None
-        if include_optimizer:
+        opt_bytes, opt_file, lora_info = 0, None, None
+        if lora_layout is not None:
+            lora_info = _write_lora_extras(tmp, layout, raw, lora_layout, lora or "merged", out_dtype,
+                                           include_optimizer, _lora_base_name(lora_base_model, base_model, config_dir))
+            opt_file, opt_bytes = lora_info.pop("optimizer_file"), lora_info.pop("optimizer_bytes")
+        elif include_optimizer:
             opt_file = "optimizer.pt"
             opt_bytes = consolidate_optimizer(layout.optim_files, expected.param_names, expected.shapes,
                                               tmp / opt_file, fsdp_version=layout.fsdp_version)
@@ -351,7 +390,72 @@ def consolidate_checkpoint(
         num_tensors=len(keys),
         optimizer_file=opt_file,
         side_files=side_files,
+        lora=lora_info,
     )
+
+
+def _lora_base_name(lora_base_model: str | None, base_model: str | Path | None, config_dir: Path) -> str | None:
+    """What ``adapter_config.json`` names as the base: explicit, the base model given, else the config's own."""
+    if lora_base_model or base_model:
+        return str(lora_base_model or base_model)
+    import json
+
+    name = json.loads((config_dir / "config.json").read_text()).get("_name_or_path")
+    return str(name) if name else None
+
+
+def _write_lora_extras(folder: Path, layout: CheckpointLayout, raw: RankShards, lora_layout: LoraLayout, mode: str,
+                       out_dtype: torch.dtype, include_optimizer: bool, base_name: str | None) -> dict:
+    """Beside a merged model: the PEFT adapter in ``adapter/`` (mode ``both``) and the LoRA ``optimizer.pt``."""
+    from utils.checkpoint.lora import consolidate_lora_optimizer, write_adapter
+
+    adapter_dir = None
+    if mode == "both":
+        adapter_dir = "adapter"
+        (folder / adapter_dir).mkdir()
+        write_adapter(raw, lora_layout, folder / adapter_dir, base_model_name_or_path=base_name, dtype=out_dtype)
+    opt_file, opt_bytes = None, 0
+    if include_optimizer:
+        opt_file = "optimizer.pt"
+        opt_bytes = consolidate_lora_optimizer(layout.optim_files, raw, lora_layout, folder / opt_file)
+    if base_name is None and adapter_dir is not None:
+        logger.warning("adapter_config.json: base_model_name_or_path unknown; pass --lora-base-model NAME")
+    return {"mode": mode, **lora_layout.summary(), "base_model_name_or_path": base_name, "adapter_dir": adapter_dir,
+            "optimizer_file": opt_file, "optimizer_bytes": opt_bytes}
+
+
+def _consolidate_adapter(t0: float, layout: CheckpointLayout, shards: RankShards, lora_layout: LoraLayout,
+                         expected: ExpectedModel, out_dir: Path, *, dtype: str, include_optimizer: bool,
+                         base_name: str | None, overwrite: bool) -> ConsolidationResult:
+    """``lora="adapter"``: a PEFT folder (adapter, tokenizer and generation config; no base ``config.json``)."""
+    from utils.checkpoint.lora import ADAPTER_WEIGHTS, consolidate_lora_optimizer, write_adapter
+
+    source_dtype = shards.spec(lora_layout.lora_keys[0]).dtype
+    out_dtype = resolve_dtype(dtype, expected.config_dtype, source_dtype)
+    if base_name is None:
+        logger.warning("adapter_config.json: base_model_name_or_path unknown; pass --lora-base-model NAME")
+    tmp = _make_temp_dir(out_dir)
+    try:
+        write_adapter(shards, lora_layout, tmp, base_model_name_or_path=base_name, dtype=out_dtype)
+        side_files = [f for f in copy_side_files(expected.config_dir, tmp, out_dtype) if f != "config.json"]
+        (tmp / "config.json").unlink()  # the base model's config: a PEFT folder holds adapter_config.json instead
+        opt_file, opt_bytes = None, 0
+        if include_optimizer:
+            opt_file = "optimizer.pt"
+            opt_bytes = consolidate_lora_optimizer(layout.optim_files, shards, lora_layout, tmp / opt_file)
+        _check_out_dir(out_dir, overwrite)
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    weights_bytes = (out_dir / ADAPTER_WEIGHTS).stat().st_size
+    return ConsolidationResult(
+        out_dir=out_dir, files=sorted(p.name for p in out_dir.iterdir()), weight_files=[ADAPTER_WEIGHTS],
+        bytes_written=weights_bytes + opt_bytes, seconds=time.perf_counter() - t0,
+        dtype=str(out_dtype).removeprefix("torch."), source_dtype=str(source_dtype).removeprefix("torch."),
+        world_size=layout.world_size, step=layout.step, num_tensors=len(lora_layout.lora_keys),
+        optimizer_file=opt_file, side_files=side_files,
+        lora={"mode": "adapter", **lora_layout.summary(), "base_model_name_or_path": base_name, "adapter_dir": "."})
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -369,6 +473,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     p.add_argument("--verify", action="store_true", help="load the result with transformers and compare bitwise")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no log lines; errors still go to stderr")
+    p.add_argument("--lora", choices=LORA_MODES, default=None,
+                   help="LoRA checkpoints: adapter (PEFT folder), merged (plain model, the default) or both "
+                        "(merged model + PEFT folder in OUT_DIR/adapter)")
+    p.add_argument("--lora-alpha", type=float, default=None,
+                   help="LoRA alpha, if the checkpoint has no lora_train_meta.json (the run's model.lora_alpha)")
+    p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank, checked against the shards")
+    p.add_argument("--lora-base-model", default=None,
+                   help="base_model_name_or_path for adapter_config.json (a Hub id, e.g. Qwen/Qwen2.5-1.5B)")
     return p
 
 
@@ -381,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         result = consolidate_checkpoint(
             args.ckpt_dir, args.out_dir, step=args.step, weights_format=args.weights_format, dtype=args.dtype,
             max_shard_size=args.max_shard_size, include_optimizer=args.optimizer, base_model=args.base_model,
-            overwrite=args.overwrite, verify=args.verify, progress=not args.quiet)
+            overwrite=args.overwrite, verify=args.verify, progress=not args.quiet, lora=args.lora,
+            lora_alpha=args.lora_alpha, lora_rank=args.lora_rank, lora_base_model=args.lora_base_model)
     except (CheckpointError, ValueError) as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
