@@ -265,12 +265,19 @@ def merge_lora_weight(base: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Te
         tensor([[2., 2., 2.],
                 [2., 2., 2.]])
     """
-    # PEFT's order of operations (delta = (B @ A) * scaling, then W + delta), so fp32 results match it bit for bit.
-    merged = base.to(torch.float32) + (lora_b.to(torch.float32) @ lora_a.to(torch.float32)) * scaling
+    merged = _add_delta_(base.to(torch.float32, copy=True), lora_a, lora_b, scaling)
     dtype = dtype or base.dtype
     if out is None:
         return merged if dtype == torch.float32 else merged.to(dtype)
     return out.copy_(merged)
+
+
+def _add_delta_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``weight += (B @ A) * scaling`` in place on an fp32 ``weight``: PEFT's order of operations (delta first, then
+    one add), so fp32 results match ``merge_and_unload`` bit for bit; one temporary of W's size (the delta)."""
+    delta = lora_b.to(torch.float32) @ lora_a.to(torch.float32)
+    delta.mul_(scaling)
+    return weight.add_(delta)
 
 
 class MergedLoraShards:
@@ -313,10 +320,14 @@ class MergedLoraShards:
         if key not in self._merge_of:
             return self._shards.assemble(ckpt_key, dtype, out=out)
         a_key, b_key = self._merge_of[key]
-        base = self._shards.assemble(ckpt_key, torch.float32)
-        lora_a = self._shards.assemble(a_key, torch.float32)
-        lora_b = self._shards.assemble(b_key, torch.float32)
-        return merge_lora_weight(base, lora_a, lora_b, self._layout.scaling, dtype or self.spec(key).dtype, out=out)
+        dtype = dtype or self.spec(key).dtype
+        # fp32 output: assemble W straight into the caller's buffer and add the delta there (peak: W + delta).
+        fp32_out = out if out is not None and out.dtype == torch.float32 else None
+        weight = self._shards.assemble(ckpt_key, torch.float32, out=fp32_out)
+        _add_delta_(weight, self._shards.assemble(a_key), self._shards.assemble(b_key), self._layout.scaling)
+        if fp32_out is not None:
+            return fp32_out
+        return out.copy_(weight) if out is not None else weight.to(dtype)
 
 
 def adapter_config(layout: LoraLayout, base_model_name_or_path: str | None) -> dict[str, Any]:
