@@ -81,8 +81,13 @@ class Cluster:
                 if not k.startswith(("HF_TOKEN", "HF_ENDPOINT", "HUGGING_FACE"))}  # the nodes know no Hub
         self.node_env = ray_test_env({**base, "PYTHONPATH": str(REPO), "VERL_GRPO_HUB_CACHE": str(tmp / "cache")})
         self.disk_a, self.disk_b = PrivateDisk([self.ckpt]), PrivateDisk([self.ckpt])
-        self.a = RayNode.start_head(tmp / "node_a", env=self.node_env, num_cpus=8, num_gpus=1, disk=self.disk_a)
-        self.b = self.start_b()
+        self.a = self.b = None
+        try:
+            self.a = RayNode.start_head(tmp / "node_a", env=self.node_env, num_cpus=8, num_gpus=1, disk=self.disk_a)
+            self.b = self.start_b()
+        except BaseException:
+            self.close()  # a node that started must not outlive a failed setup
+            raise
 
     def start_b(self) -> RayNode:
         return RayNode.start_worker(self.tmp / "node_b", self.a.address, env=self.node_env, num_cpus=8, num_gpus=1,
@@ -118,7 +123,8 @@ class Cluster:
 
     def close(self) -> None:
         for node in (self.b, self.a):
-            node.stop()
+            if node is not None:
+                node.stop()
         self.disk_a.close()
         self.disk_b.close()
         remove_ray_tmpdir(self.node_env)
