@@ -5,7 +5,7 @@
     python train_grpo.py --config-name algorithmic_qwen_3b      # a GPU config (vLLM rollouts)
     python train_grpo.py --config-name algorithmic_qwen_3b hf_upload.enabled=true hf_upload.repo_id=me/model
 
-Order: compose the config (training/configs, on veRL's ppo_trainer) -> check it (before Ray starts, so a bad
+Order: compose the config (training/configs, on veRL's ppo_trainer) -> the platform it asks for (VERL_PLATFORM) -> check it (before Ray starts, so a bad
 dataset/reward/model path fails in seconds) -> Hub preflight when hf_upload.enabled (bad token/namespace/repo id
 fail in seconds) -> resolve tiny://qwen2 -> veRL's run_ppo with our task runner.
 """
@@ -21,6 +21,7 @@ from training.config_checks import check_run_config
 from training.errors import ConfigError
 from training.hub_resume import ResumeError, resume_from_hub
 from training.hub_upload import setup_hub_upload
+from training.platform_request import apply_platform_request
 from utils.checkpoint.errors import CheckpointError
 from utils.hub.errors import HubUploadError
 
@@ -28,6 +29,9 @@ from utils.hub.errors import HubUploadError
 @hydra.main(config_path="training/configs", config_name="cpu_demo", version_base=None)
 def main(cfg: DictConfig) -> None:
     try:
+        # The CPU configs ask for veRL's `cpu` platform (VERL_PLATFORM in Ray's runtime env); the driver needs it in
+        # its own environment before anything imports veRL (training/platform_request.py).
+        apply_platform_request(cfg)
         check_run_config(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
