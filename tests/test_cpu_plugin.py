@@ -82,7 +82,7 @@ def test_pinned_verl_private_names():
     assert PlatformRegistry.registered_names()[:3] == ("nvidia", "huawei", "amd")  # probed before "cpu"
     # the request is read before any probe, so VERL_PLATFORM=cpu alone selects the cpu platform
     detect_src = inspect.getsource(_detect_platform_name)
-    assert detect_src.index('os.environ.get("VERL_PLATFORM"') < detect_src.index("is_platform_available(")
+    assert detect_src.index('os.environ.get("VERL_PLATFORM"') < detect_src.index("instance.is_platform_available(")
     abstract = set(PlatformBase.__abstractmethods__)
     from training.cpu_plugin.platform import PlatformCPU
 
