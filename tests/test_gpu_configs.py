@@ -36,3 +36,21 @@ def test_gpu_smoke_is_tiny_one_gpu_vllm_two_steps_no_upload():
     r = cfg.actor_rollout_ref.rollout
     assert r.max_model_len >= cfg.data.max_prompt_length + cfg.data.max_response_length
     OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_cpu_demo_with_the_vllm_override_asks_for_the_cpu_platform_and_passes_verls_validation(monkeypatch, tmp_path):
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    from training.trainer import prepare_config
+
+    monkeypatch.setenv("VERL_GRPO_HUB_CACHE", str(tmp_path))
+    cfg = prepare_config(compose_config("cpu_demo", ["+cpu_rollout=vllm"]))
+    validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
+    rollout = cfg.actor_rollout_ref.rollout
+    assert rollout.name == "vllm" and rollout.mode == "async"
+    assert requested_platform(cfg) == "cpu" and cfg.trainer.device == "cpu"
+    assert (rollout.enable_sleep_mode, rollout.free_cache_engine, rollout.enforce_eager) == (False, False, True)
+    assert rollout.dtype == "float32" == cfg.actor_rollout_ref.actor.fsdp_config.model_dtype.replace("fp", "float")
+    assert rollout.max_model_len >= cfg.data.max_prompt_length + cfg.data.max_response_length
+    assert cfg.trainer.n_gpus_per_node == 2  # 2 FSDP2 ranks, one vLLM server each
