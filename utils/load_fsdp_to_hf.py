@@ -44,11 +44,11 @@ from utils.checkpoint.errors import (  # noqa: E402
 from utils.checkpoint.layout import CheckpointLayout, detect_layout, find_step_dirs, latest_step  # noqa: E402
 from utils.checkpoint.merge import RankShards  # noqa: E402
 from utils.checkpoint.model_config import (  # noqa: E402
-    DTYPES,
     ExpectedModel,
     copy_side_files,
     find_config_dir,
     load_expected_model,
+    normalize_dtype,
     resolve_dtype,
 )
 from utils.checkpoint.optimizer import consolidate_optimizer  # noqa: E402
@@ -63,7 +63,7 @@ from utils.checkpoint.writer import (  # noqa: E402
     write_index,
 )
 
-__all__ = ["ConsolidationResult", "consolidate_checkpoint", "find_step_dirs", "latest_step", "main"]
+__all__ = ["ConsolidationResult", "consolidate_checkpoint", "find_step_dirs", "human_bytes", "latest_step", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,13 +97,31 @@ class ConsolidationResult:
     optimizer_file: str | None = None
     side_files: list[str] = field(default_factory=list)
 
+    verified: bool = False
+
     def summary(self) -> str:
-        gb = self.bytes_written / 1e9
         step = f"step {self.step}" if self.step is not None else "checkpoint"
-        return (f"consolidated {step} (W={self.world_size}, {self.source_dtype}) -> {self.out_dir}: {self.num_tensors} "
-                f"tensors, {sum(not f.endswith('.json') for f in self.weight_files)} weight file(s), {self.dtype}, {gb:.2f} GB"
-                f"{' + optimizer.pt' if self.optimizer_file else ''} in {self.seconds:.1f} s "
-                f"({gb / max(self.seconds, 1e-9):.2f} GB/s)")
+        rate = self.bytes_written / max(self.seconds, 1e-9)
+        text = (f"consolidated {step} (W={self.world_size}, {self.source_dtype}) -> {self.out_dir}: {self.num_tensors} "
+                f"tensors, {sum(not f.endswith('.json') for f in self.weight_files)} weight file(s), {self.dtype}, "
+                f"{human_bytes(self.bytes_written)}{' + optimizer.pt' if self.optimizer_file else ''} in "
+                f"{self.seconds:.1f} s ({human_bytes(rate)}/s)")
+        if self.verified:
+            text += "\nverify: passed - the folder loads with transformers and every tensor equals the merged shards"
+        return text
+
+
+def human_bytes(n: float) -> str:
+    """``1234`` -> ``'1.2 kB'``, ``3.09e9`` -> ``'3.09 GB'`` (decimal units, 3 significant digits).
+
+    Example:
+        >>> human_bytes(512), human_bytes(618_420), human_bytes(3.09e9)
+        ('512 B', '618 kB', '3.09 GB')
+    """
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{int(n)} B"
 
 
 def _check_against_config(shards: RankShards, expected: ExpectedModel) -> list[str]:
@@ -286,8 +304,7 @@ def consolidate_checkpoint(
     t0 = time.perf_counter()
     if weights_format not in WEIGHT_FORMATS:
         raise ValueError(f"weights_format={weights_format!r}: expected one of {sorted(WEIGHT_FORMATS)}")
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}: expected auto or one of {sorted(DTYPES)}")
+    dtype = normalize_dtype(dtype)
     parse_size(max_shard_size)
     out_dir = Path(out_dir).absolute()
     _check_out_dir(out_dir, overwrite)
@@ -310,8 +327,8 @@ def consolidate_checkpoint(
         logger.info("casting weights %s -> %s (%s)", source_dtype, out_dtype, why)
     dtypes = {k: out_dtype if shards.spec(k).dtype.is_floating_point else shards.spec(k).dtype for k in keys}
     plan = plan_shards([(k, shards.spec(k).shape, dtypes[k]) for k in keys], weights_format, max_shard_size)
-    logger.info("%s: W=%d, %d tensors -> %d %s file(s), %.2f GB %s", layout.actor_dir, layout.world_size, len(keys),
-                len(plan.files), weights_format, plan.total_size / 1e9, out_dtype)
+    logger.info("%s: W=%d, %d tensors -> %d %s file(s), %s %s", layout.actor_dir, layout.world_size, len(keys),
+                len(plan.files), weights_format, human_bytes(plan.total_size), out_dtype)
 
     tmp = _make_temp_dir(out_dir)
     # One intra-op thread: the copy/cast is memory-bound, and the overlap comes from the writer thread. Measured on
@@ -351,7 +368,15 @@ def consolidate_checkpoint(
         num_tensors=len(keys),
         optimizer_file=opt_file,
         side_files=side_files,
+        verified=verify,
     )
+
+
+def _dtype_arg(text: str) -> str:
+    try:
+        return normalize_dtype(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -360,8 +385,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt_dir", help="global_step_N/actor, global_step_N, or the run directory (latest step)")
     p.add_argument("out_dir", help="output folder (must not exist or be empty, unless --overwrite)")
     p.add_argument("--format", dest="weights_format", choices=sorted(WEIGHT_FORMATS), default="bin")
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                   help="auto = the dtype in the checkpoint's huggingface/config.json")
+    p.add_argument("--dtype", type=_dtype_arg, default="auto",
+                   help="auto (the dtype in the checkpoint's huggingface/config.json), bf16, fp16 or fp32 "
+                        "(bfloat16, float16, float32 also accepted)")
     p.add_argument("--max-shard-size", default="5GB", help="largest weight file, e.g. 5GB, 500MB (default 5GB)")
     p.add_argument("--optimizer", action="store_true", help="also write a name-keyed optimizer.pt")
     p.add_argument("--base-model", default=None, help="config/tokenizer folder if the checkpoint has no huggingface/")
