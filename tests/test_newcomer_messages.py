@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from utils.checkpoint.consolidate import human_bytes
 from utils.checkpoint.errors import NotACheckpointError
 from utils.checkpoint.model_config import normalize_dtype
 from utils.hf_uploader import HuggingFaceUploader
@@ -22,7 +23,6 @@ from utils.hub.errors import (
     RepoNotFoundOnHubError,
     RevisionNotFoundOnHubError,
 )
-from utils.load_fsdp_to_hf import human_bytes
 from utils.load_fsdp_to_hf import main as consolidate_main
 
 ROOT = Path(__file__).resolve().parents[1]

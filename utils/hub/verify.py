@@ -114,7 +114,7 @@ def _compare_with_local(report: VerifyReport, hub_dir: Path, ckpt: Path, out: Pa
                         dtype: str | None) -> None:
     import json
 
-    from utils.load_fsdp_to_hf import consolidate_checkpoint
+    from utils.checkpoint.consolidate import consolidate_checkpoint
 
     names = set(report.files)
     fmt = weights_format or ("safetensors" if any(n.endswith(".safetensors") for n in names) else "bin")
