@@ -139,3 +139,15 @@ def test_consolidation_summary_says_verify_passed_and_uses_readable_sizes(ckpt, 
                                          (12_345_678, "12.3 MB"), (3.09e9, "3.09 GB")])
 def test_human_bytes(n, text):
     assert human_bytes(n) == text
+
+
+def test_pyproject_license_is_an_spdx_string_and_every_file_it_names_exists():
+    import re
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    text = (ROOT / "pyproject.toml").read_text()
+    project = tomllib.loads(text)["project"]
+    assert project["license"] == "Apache-2.0"  # a table here makes setuptools print a deprecation warning
+    assert any(dep.startswith("matplotlib") for dep in project["dependencies"])
+    for name in re.findall(r"[\w./-]+\.(?:md|py|yaml|sh)\b", text):
+        assert (ROOT / name).exists() or name in ("README.md",), f"pyproject.toml names {name}, not in the repo"

@@ -72,6 +72,7 @@ def uploader_settings(cfg: Any) -> dict[str, Any]:
         "datasets": {str(name): float((spec or {}).get("weight", 1.0)) for name, spec in datasets.items()},
         "dataset_configs": {str(name): _plain((spec or {}).get("config") or {}) for name, spec in datasets.items()},
         "extra": {"experiment": str(_get(cfg, "trainer.experiment_name", ""))},
+        "max_new_tokens": int(_get(cfg, "data.max_response_length", 64)),
         **_prompt_example(cfg),
     }
     base_model = str(_get(cfg, "actor_rollout_ref.model.path", "") or "")

@@ -51,6 +51,7 @@ class CardInfo:
         system_prompt: The system prompt the model was trained with (used in the generation snippet).
         example_question: A question of the training task for the generation snippet.
         curves: File name of the training-curves PNG uploaded beside the model, if any.
+        max_new_tokens: Generation budget of the snippet (the run's response length).
     """
 
     repo_id: str
@@ -69,6 +70,7 @@ class CardInfo:
     system_prompt: str | None = None
     example_question: str | None = None
     curves: str | None = None
+    max_new_tokens: int = 64
 
 
 def framework_versions() -> dict[str, str]:
@@ -206,7 +208,7 @@ def _snippet(info: CardInfo) -> list[str]:
         "]",
         "prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)",
         'inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)',
-        "output = model.generate(**inputs, max_new_tokens=64, do_sample=False)",
+        f"output = model.generate(**inputs, max_new_tokens={int(info.max_new_tokens)}, do_sample=False)",
         'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
     ]
 

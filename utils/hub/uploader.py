@@ -405,7 +405,8 @@ class HuggingFaceUploader:
                 metrics=metrics, datasets=self.card_info.get("datasets"), optimizer=self.include_optimizer,
                 extra=self.card_info.get("extra") or {}, dataset_configs=self.card_info.get("dataset_configs"),
                 system_prompt=self.card_info.get("system_prompt"),
-                example_question=self.card_info.get("example_question"), curves=curves))
+                example_question=self.card_info.get("example_question"), curves=curves,
+                max_new_tokens=int(self.card_info.get("max_new_tokens") or 64)))
 
         return render
 
