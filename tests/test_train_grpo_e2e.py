@@ -32,11 +32,6 @@ SMALL = [
     "reasoning_gym.val_size=4",
     "data.val_batch_size=4",
     "trainer.save_freq=2",
-    # the demo's warm model and validation cost time the plumbing tests do not need; the console logger is parsed
-    "actor_rollout_ref.model.path=tiny://qwen2",
-    "trainer.val_before_train=false",
-    "trainer.test_freq=-1",
-    "trainer.logger=[console,file]",
 ]
 CURRICULUM = [
     "curriculum.enabled=true",

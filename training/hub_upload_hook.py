@@ -136,9 +136,7 @@ class HubUploadCallback(CheckpointCallback):
     def on_step_metrics(self, global_step: int, metrics: dict[str, Any]) -> None:
         """Submit this step's checkpoint (if any) with its metrics; called by the trainer after veRL computes them."""
         if self._unsubmitted is not None and self._unsubmitted[1] == int(global_step):
-            step_dir = self._unsubmitted[0]
-            card = _curves_beside_checkpoint(step_dir, int(global_step), metrics)
-            self._submit(*self._unsubmitted, metrics={**headline_step_metrics(metrics), **card})
+            self._submit(*self._unsubmitted, metrics=headline_step_metrics(metrics))
             self._unsubmitted = None
 
     # ------------------------------------------------------------------ end of run
@@ -224,21 +222,6 @@ class HubUploadCallback(CheckpointCallback):
             _log(f"rotation: removing {step_dir / 'actor'} (max_actor_ckpt_to_keep={self.keep})")
             shutil.rmtree(step_dir / "actor", ignore_errors=True)
             self._saved.remove(step_dir)
-
-
-def _curves_beside_checkpoint(step_dir: Path, step: int, metrics: dict[str, Any]) -> dict[str, float]:
-    """Draw the run's curves up to ``step`` into ``step_dir/training_curves.png`` (the uploader puts it beside the
-    model and the card shows it); return the card's result metrics. Best effort: a plot never blocks an upload."""
-    log = os.environ.get("VERL_FILE_LOGGER_PATH")  # set by ReasoningGymTrainer when trainer.logger has `file`
-    if not log:
-        return {}
-    try:
-        from training.report import CURVES_FILE, curves_for_step
-
-        return curves_for_step(log, step, metrics, step_dir / CURVES_FILE)
-    except Exception as e:  # noqa: BLE001 - the upload goes ahead without the picture
-        _log(f"step {step}: training curves not drawn ({type(e).__name__}: {e})", error=True)
-        return {}
 
 
 def _rank0_node_id(trainer: Any) -> str | None:
