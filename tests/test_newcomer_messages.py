@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from utils.checkpoint.consolidate import human_bytes
+from utils.checkpoint.dtype_names import normalize_dtype
 from utils.checkpoint.errors import NotACheckpointError
-from utils.checkpoint.model_config import normalize_dtype
 from utils.hf_uploader import HuggingFaceUploader
 from utils.hf_uploader import main as uploader_main
 from utils.hub.errors import (

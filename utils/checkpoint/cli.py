@@ -10,8 +10,8 @@ import logging
 import sys
 
 from utils.checkpoint.consolidate import consolidate_checkpoint
+from utils.checkpoint.dtype_names import normalize_dtype
 from utils.checkpoint.errors import CheckpointError
-from utils.checkpoint.model_config import normalize_dtype
 from utils.checkpoint.writer import WEIGHT_FORMATS
 
 __all__ = ["main", "build_parser"]

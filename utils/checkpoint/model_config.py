@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from utils.checkpoint.dtype_names import normalize_dtype  # noqa: E402 - re-exported, torch-free
 from utils.checkpoint.errors import InvalidModelConfigError, MissingModelConfigError
 
 __all__ = ["ExpectedModel", "find_config_dir", "load_expected_model", "normalize_dtype", "resolve_dtype", "DTYPES",
@@ -99,28 +100,6 @@ def load_expected_model(config_dir: Path) -> ExpectedModel:
         config_dtype=_CONFIG_DTYPE_NAMES.get(dtype_name) if isinstance(dtype_name, str) else None,
         config_dir=config_dir,
     )
-
-
-_DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
-
-
-def normalize_dtype(name: str) -> str:
-    """``auto`` or one of :data:`DTYPES`, also accepting torch's names (``bfloat16``, ``float16``, ``float32``).
-
-    The one check every entry point (consolidation CLI, uploader, config) runs before any work starts.
-
-    Raises:
-        ValueError: anything else, listing the accepted names.
-
-    Example:
-        >>> normalize_dtype("bfloat16"), normalize_dtype("BF16"), normalize_dtype("auto")
-        ('bf16', 'bf16', 'auto')
-    """
-    key = str(name).strip().lower().removeprefix("torch.")
-    key = _DTYPE_ALIASES.get(key, key)
-    if key != "auto" and key not in DTYPES:
-        raise ValueError(f"dtype={name!r}: expected auto, bf16, fp16 or fp32 (or bfloat16, float16, float32)")
-    return key
 
 
 def resolve_dtype(requested: str, config_dtype: torch.dtype | None, stored_dtype: torch.dtype) -> torch.dtype:

@@ -33,7 +33,7 @@ def _steps(text: str) -> list[int]:
 
 
 def _dtype_arg(text: str) -> str:
-    from utils.checkpoint.model_config import normalize_dtype
+    from utils.checkpoint.dtype_names import normalize_dtype
 
     try:
         return normalize_dtype(text)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from utils.checkpoint.model_config import normalize_dtype
+from utils.checkpoint.dtype_names import normalize_dtype
 from utils.hub.card import CURVES_FILE, CardInfo, headline_metrics, render_model_card
 from utils.hub.client import HubClient, PreflightReport, check_repo_id
 from utils.hub.errors import (
