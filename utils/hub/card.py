@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 from huggingface_hub import ModelCardData
 
+from utils.hub.card_lora import lora_library, lora_load_lines, lora_rows, lora_tags
+
 __all__ = ["CARD_MARKER", "CURVES_FILE", "CardInfo", "render_model_card", "is_generated_card", "framework_versions",
            "headline_metrics"]
 
@@ -52,6 +54,7 @@ class CardInfo:
         example_question: A question of the training task for the generation snippet.
         curves: File name of the training-curves PNG uploaded beside the model, if any.
         max_new_tokens: Generation budget of the snippet (the run's response length).
+        lora: For a LoRA run, the consolidation's LoRA record (mode, r, lora_alpha, target_modules, ...).
     """
 
     repo_id: str
@@ -71,6 +74,7 @@ class CardInfo:
     example_question: str | None = None
     curves: str | None = None
     max_new_tokens: int = 64
+    lora: Mapping[str, object] | None = None
 
 
 def framework_versions() -> dict[str, str]:
@@ -113,11 +117,11 @@ def render_model_card(info: CardInfo) -> str:
         >>> card.startswith("---") and 'revision="step-3"' in card
         True
     """
-    tags = list(BASE_TAGS) + [f"reasoning-gym-{name}" for name in sorted(info.datasets or {})]
+    tags = list(BASE_TAGS) + lora_tags(info.lora) + [f"reasoning-gym-{name}" for name in sorted(info.datasets or {})]
     metrics = {k: float(v) for k, v in (info.metrics or {}).items() if isinstance(v, int | float)}
     data = ModelCardData(
         base_model=_hub_model_id(info.base_model),
-        library_name="transformers",
+        library_name=lora_library(info.lora),
         pipeline_tag="text-generation",
         tags=tags,
         training_step=info.step,
@@ -127,9 +131,12 @@ def render_model_card(info: CardInfo) -> str:
         metrics=metrics or None,
     )
     versions = framework_versions()
-    rows = [("step", info.step), ("revision", f"`{info.revision}`"), ("base model", info.base_model),
+    base_link = f"[{info.base_model}](https://huggingface.co/{info.base_model})" \
+        if _hub_model_id(info.base_model) else info.base_model
+    rows = [("step", info.step), ("revision", f"`{info.revision}`"), ("base model", base_link),
             ("dtype", info.dtype), ("world size (ranks)", info.world_size), ("weights", info.weights_format),
             ("optimizer state", "`optimizer.pt` (keyed by parameter name)" if info.optimizer else None)]
+    rows += lora_rows(info.lora)
     rows += list(info.extra.items())
     rows += [(name, version) for name, version in versions.items()]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows if v is not None)
@@ -193,6 +200,8 @@ def _results_section(step: int, metrics: Mapping[str, float], curves: str | None
 
 def _snippet(info: CardInfo) -> list[str]:
     """A load-and-generate snippet pinned to this upload's revision (the tests run it against a Hub server)."""
+    if info.lora:  # an adapter: PEFT's loading lines (utils/hub/card_lora.py)
+        return lora_load_lines(info.lora, info.repo_id, info.revision, info.subfolder, info.base_model)
     sub = f', subfolder="{info.subfolder}"' if info.subfolder else ""
     messages = []
     if info.system_prompt:  # json.dumps: a double-quoted literal that is valid Python, newlines escaped
