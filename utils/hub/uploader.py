@@ -40,6 +40,7 @@ from utils.hub.pending import (
     step_lock,
     write_pending,
 )
+from utils.hub.pipeline import PreUploader
 from utils.hub.push import PushPlan, execute_push, plan_push, tag_for_step
 from utils.hub.resume_state import stage_resume_files
 
@@ -195,6 +196,9 @@ class HuggingFaceUploader:
             checkpoints ignore it.
         lora_base_model: ``base_model_name_or_path`` of the adapter (default: ``card_info["base_model"]``, else the
             ``model_name`` of the upload call).
+        pipeline: Upload each finished weight file while the consolidation writes the next ones, with the sha256
+            computed while writing (:mod:`utils.hub.pipeline`); the commit, tag and card still come last. ``False``:
+            consolidate everything, then hash and upload (the older two-pass behaviour).
 
     Example:
         >>> up = HuggingFaceUploader("qwen-grpo", organization="acme", private=True)  # doctest: +SKIP
@@ -225,6 +229,7 @@ class HuggingFaceUploader:
         progress: bool = True,
         lora: str = "adapter",
         lora_base_model: str | None = None,
+        pipeline: bool = True,
     ):
         self.repo_id = resolve_repo_id(repo_id, organization)
         self.organization = organization
@@ -246,6 +251,7 @@ class HuggingFaceUploader:
         self.staging_dir = Path(staging_dir) if staging_dir else None
         self.write_pending_marker = write_pending_marker
         self.progress = progress
+        self.pipeline = bool(pipeline)
         self.client = HubClient(token=token, endpoint=endpoint, max_attempts=max_attempts,
                                 retry_base_delay=retry_base_delay)
         self._preflight: PreflightReport | None = None
@@ -325,12 +331,12 @@ class HuggingFaceUploader:
             check_staging_space(checkpoint_dir, self.staging_dir, include_optimizer=self.include_optimizer)
             staging = Path(tempfile.mkdtemp(prefix=f"hf_upload_step{step}_", dir=self.staging_dir))
             try:
-                consolidation = self._consolidate(checkpoint_dir, staging / "model", step, model_name)
+                consolidation, known = self._consolidate_and_preupload(checkpoint_dir, staging, step, model_name)
                 if self.strategy == "checkpoint":  # issue 5: what resume needs, hashed, beside the model
                     stage_resume_files(step_dir, staging / "model", step=step, world_size=consolidation.world_size)
                 result = self._upload(staging / "model", step, metrics=metrics, commit_message=commit_message,
                                       consolidation=consolidation, base_model=model_name, started=started,
-                                      pending_dir=step_dir, checkpoint_dir=checkpoint_dir)
+                                      pending_dir=step_dir, checkpoint_dir=checkpoint_dir, known=known)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
         clear_pending(step_dir)
@@ -368,10 +374,11 @@ class HuggingFaceUploader:
                          card=self._card_fn(step, metrics, None, None) if self.model_card else None)
 
     def _upload(self, folder: Path, step: int, *, metrics, commit_message, consolidation, base_model, started,
-                pending_dir: Path | None = None, checkpoint_dir: Path | None = None) -> UploadResult:
+                pending_dir: Path | None = None, checkpoint_dir: Path | None = None, known=None) -> UploadResult:
         try:
             card = self._card_fn(step, metrics, consolidation, base_model) if self.model_card else None
-            plan = plan_push(self.client, self.repo_id, folder, step=step, namespace=self.namespace, card=card)
+            plan = plan_push(self.client, self.repo_id, folder, step=step, namespace=self.namespace, card=card,
+                             known=known)
             message = self.client.redact(commit_message or _default_message(step, metrics))
             outcome = execute_push(self.client, plan, message=message,
                                    description=_description(step, consolidation, plan))
@@ -414,7 +421,8 @@ class HuggingFaceUploader:
 
         return render
 
-    def _consolidate(self, checkpoint_dir: Path, out_dir: Path, step: int, model_name: str | None):
+    def _consolidate(self, checkpoint_dir: Path, out_dir: Path, step: int, model_name: str | None,
+                     on_file_written=None):
         # The engine (torch-heavy) is imported when needed: the CLI's error paths and preflight stay light.
         from utils.checkpoint.consolidate import consolidate_checkpoint
 
@@ -422,7 +430,26 @@ class HuggingFaceUploader:
                                       max_shard_size=self.max_shard_size, include_optimizer=self.include_optimizer,
                                       base_model=model_name, progress=self.progress, lora=self.lora,
                                       lora_base_model=self.lora_base_model or self.card_info.get("base_model")
-                                      or (str(model_name) if model_name else None))
+                                      or (str(model_name) if model_name else None), on_file_written=on_file_written)
+
+    def _consolidate_and_preupload(self, checkpoint_dir: Path, staging: Path, step: int, model_name: str | None):
+        """Consolidate into ``staging/model``; with ``pipeline``, upload each finished file meanwhile.
+
+        Returns:
+            ``(consolidation, known)``: ``known`` maps file names to ``(sha256, operation)`` for the commit (no file
+            is hashed twice), or ``None`` without the pipeline.
+        """
+        if not self.pipeline:
+            return self._consolidate(checkpoint_dir, staging / "model", step, model_name), None
+        pre = PreUploader(self.client, self.repo_id, links_dir=staging / "preupload", prefix=self.namespace,
+                          tag=tag_for_step(step, self.namespace))
+        try:
+            consolidation = self._consolidate(checkpoint_dir, staging / "model", step, model_name, on_file_written=pre)
+        finally:
+            known = pre.finish()
+        if pre.failure is None:
+            logger.info("pre-uploaded %.1f MB to %s while consolidating", pre.uploaded_bytes / 1e6, self.repo_id)
+        return consolidation, known
 
     @staticmethod
     def _infer_step(checkpoint_dir: Path, step: int | None) -> int:
