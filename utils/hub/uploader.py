@@ -420,7 +420,8 @@ class HuggingFaceUploader:
             return render_model_card(CardInfo(
                 repo_id=self.repo_id, step=step, revision=tag_for_step(step, self.namespace),
                 subfolder=self.namespace or None,
-                base_model=self.card_info.get("base_model") or (str(base_model) if base_model else None),
+                base_model=self.card_info.get("base_model") or (str(base_model) if base_model else None)
+                or (getattr(consolidation, "lora", None) or {}).get("base_model_name_or_path"),  # a LoRA run's base
                 dtype=getattr(consolidation, "dtype", None) or (None if self.dtype == "auto" else self.dtype),
                 world_size=getattr(consolidation, "world_size", None), weights_format=self.weights_format,
                 metrics=metrics, datasets=self.card_info.get("datasets"), optimizer=self.include_optimizer,
