@@ -26,6 +26,8 @@ __all__ = [
     "MissingModelConfigError",
     "InvalidModelConfigError",
     "TiedWeightMismatchError",
+    "RankSourceError",
+    "RankFileUnavailableError",
 ]
 
 
@@ -102,3 +104,11 @@ class InvalidModelConfigError(CheckpointError, ValueError):
 
 class TiedWeightMismatchError(CheckpointError, ValueError):
     """The config ties two weights (``tie_word_embeddings``) but the checkpoint holds them with different values."""
+
+
+class RankSourceError(CheckpointError, ConnectionError):
+    """A holder of rank files (another node's disk, reached through :mod:`utils.checkpoint.sources`) cannot be read."""
+
+
+class RankFileUnavailableError(CheckpointError, FileNotFoundError):
+    """A rank file the consolidation needs is on no reachable node; the message names the rank and the node."""

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from utils.hub.card import is_generated_card
 from utils.hub.client import HubClient, LocalFile, RemoteFile, local_files
@@ -31,7 +32,8 @@ logger = logging.getLogger(__name__)
 # Files an upload owns: stale ones are deleted when a newer upload does not have them. Anything else (a LICENSE, eval
 # results added by hand, other namespaces' folders) is never deleted.
 MANAGED_PATTERNS = ("pytorch_model*.bin", "pytorch_model.bin.index.json", "model*.safetensors",
-                    "model.safetensors.index.json", "optimizer.pt", "trainer_state.json")  # fmt: skip
+                    "model.safetensors.index.json", "optimizer.pt", "trainer_state.json",
+                    "adapter_config.json", "adapter_model.safetensors")  # fmt: skip
 README = "README.md"
 
 
@@ -124,6 +126,7 @@ def plan_push(
     step: int,
     namespace: str = "",
     card: Callable[[], str] | None = None,
+    known: Mapping[str, tuple[str, Any]] | None = None,
 ) -> PushPlan:
     """Compare ``folder`` with the remote and decide what a push of ``step`` must do (reads only).
 
@@ -134,6 +137,8 @@ def plan_push(
         step: Training step.
         namespace: Subfolder of the repo for this experiment (``""``: the root).
         card: Renders the model card; ``None`` disables it. Skipped when ``folder`` has its own README.md.
+        known: Digests (and maybe pre-uploaded operations) of files already hashed while written
+            (:class:`utils.hub.pipeline.PreUploader`); those files are not read again.
 
     Returns:
         A :class:`PushPlan`.
@@ -143,7 +148,7 @@ def plan_push(
     """
     tag = tag_for_step(step, namespace)
     branches, tags = client.refs(repo_id)
-    files = local_files(folder, prefix=namespace)
+    files = local_files(folder, prefix=namespace, known=known)
     weights = [f for f in files if Path(f.path_in_repo).name != README]
     if tag in tags:
         remote = client.tree(repo_id, tags[tag], prefix=namespace)
@@ -236,8 +241,9 @@ def _is_managed(path: str, namespace: str) -> bool:
     rel = path[len(ns) + 1:] if ns else path
     if ns and not path.startswith(ns + "/"):
         return False
-    if rel.startswith("resume/"):  # a resume snapshot's trainer state (utils.hub.resume_state): replaced as a whole
-        return "/" not in rel[len("resume/"):]
+    for sub in ("resume/", "adapter/"):  # a snapshot's trainer state, a LoRA upload's PEFT folder: replaced whole
+        if rel.startswith(sub):
+            return "/" not in rel[len(sub):]
     return "/" not in rel and any(fnmatch.fnmatch(rel, pattern) for pattern in MANAGED_PATTERNS)
 
 

@@ -108,8 +108,8 @@ def _fetch(client: HubClient, repo_id: str, namespace: str, step: int, tag: str,
         problems += snapshot_problems(folder, state)
         if int(state.get("global_step", -1)) != step:
             problems.append(f"trainer_state.json says global_step {state.get('global_step')}, the tag says {step}")
-    elif not (folder / "config.json").is_file():
-        problems.append("config.json missing")
+    elif not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
+        problems.append("config.json missing")  # (a LoRA upload's PEFT folder has adapter_config.json instead)
     return snap, problems
 
 
@@ -197,6 +197,9 @@ def pull_snapshot(
     """
     from utils.checkpoint.reshard import write_verl_checkpoint
 
+    # A missing token, a rejected one and a repo that does not exist each get their own message (a new repo is
+    # "no snapshot" only for a training run's resume=auto, not for an explicit pull).
+    HubClient(token=token, endpoint=endpoint).check_readable(repo_id)
     snap = find_resume_snapshot(repo_id, namespace, revision=revision, token=token, endpoint=endpoint,
                                 cache_dir=cache_dir)
     where = f"{repo_id}" + (f" (namespace {namespace})" if namespace else "")
