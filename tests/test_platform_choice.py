@@ -140,3 +140,29 @@ def test_device_and_request_must_agree(cfg, message, monkeypatch):
         apply_platform_request(cfg)
     assert str(e.value) == message
     assert "VERL_PLATFORM" not in os.environ
+
+
+def test_the_cpu_demo_request_reaches_every_ray_worker_through_verls_runtime_env(monkeypatch):
+    # What run_ppo hands to ray.init (verl/trainer/main_ppo.py: its defaults merged with ray_kwargs.ray_init.runtime_env),
+    # after train_grpo.py's configure_ray: the job-level env_vars every worker on every node starts with.
+    import inspect
+
+    from omegaconf import OmegaConf
+    from verl.trainer.constants_ppo import get_ppo_ray_runtime_env
+    from verl.trainer.main_ppo import run_ppo
+
+    from tests.test_configs import compose_config
+    from training.ray_cluster import configure_ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = compose_config("cpu_demo")
+    configure_ray(cfg)
+    source = inspect.getsource(run_ppo)
+    assert "runtime_env = OmegaConf.merge(default_runtime_env, runtime_env_kwargs)" in source  # veRL's merge, pinned
+    runtime_env = OmegaConf.merge(get_ppo_ray_runtime_env(cfg), cfg.ray_kwargs.ray_init.get("runtime_env", {}))
+    assert OmegaConf.to_container(runtime_env)["env_vars"]["VERL_PLATFORM"] == "cpu"
+    # and a GPU config carries no request
+    gpu = compose_config("algorithmic_qwen_3b")
+    configure_ray(gpu)
+    gpu_env = OmegaConf.merge(get_ppo_ray_runtime_env(gpu), gpu.ray_kwargs.ray_init.get("runtime_env", {}) or {})
+    assert "VERL_PLATFORM" not in OmegaConf.to_container(gpu_env).get("env_vars", {})
