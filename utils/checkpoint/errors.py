@@ -26,6 +26,7 @@ __all__ = [
     "MissingModelConfigError",
     "InvalidModelConfigError",
     "TiedWeightMismatchError",
+    "UnsafePickleError",
 ]
 
 
@@ -102,3 +103,11 @@ class InvalidModelConfigError(CheckpointError, ValueError):
 
 class TiedWeightMismatchError(CheckpointError, ValueError):
     """The config ties two weights (``tie_word_embeddings``) but the checkpoint holds them with different values."""
+
+
+class UnsafePickleError(CheckpointError, ValueError):
+    """A pickled file holds objects outside the allow-list (e.g. a callable that would run code when unpickled).
+
+    Raised instead of loading it: nothing in the file was executed. The message names the file and the refused
+    global (``posix.system``, ...).
+    """

@@ -6,7 +6,8 @@ veRL 0.9.1's ``FSDPCheckpointManager.load_checkpoint`` reads on each rank, at th
     RUN_DIR/global_step_N/actor/model_world_size_W_rank_r.pt        {name: DTensor Shard(0) on a 1-D ('fsdp',) mesh}
     RUN_DIR/global_step_N/actor/optim_world_size_W_rank_r.pt        optimizer.state_dict(): ids in parameters() order,
                                                                     exp_avg/exp_avg_sq sharded like their parameter
-    RUN_DIR/global_step_N/actor/extra_state_world_size_W_rank_r.pt  {"lr_scheduler": ..., "rng": ...}
+    RUN_DIR/global_step_N/actor/extra_state_world_size_W_rank_r.pt  {"lr_scheduler": ..., "rng": ...} (validated and
+                                                                    re-serialized: utils.checkpoint.safe_state)
     RUN_DIR/global_step_N/actor/fsdp_config.json, actor/huggingface/  (config, generation config, tokenizer)
     RUN_DIR/global_step_N/data.pt, curriculum_state.json, lineage.json
     RUN_DIR/latest_checkpointed_iteration.txt                        written last
@@ -34,6 +35,7 @@ from typing import Any
 
 from utils.checkpoint.errors import CheckpointError, OptimizerMismatchError
 from utils.checkpoint.model_config import ExpectedModel, load_expected_model
+from utils.checkpoint.safe_state import check_weights_pickle, rewrite_trainer_state
 from utils.hub.resume_state import CURRICULUM_FILE, LINEAGE_FILE, RESUME_DIR
 
 __all__ = ["write_verl_checkpoint", "ReshardError", "ConsolidatedWeights", "load_consolidated_weights", "shard_rows"]
@@ -169,7 +171,20 @@ def write_verl_checkpoint(
         actor.mkdir()
         # Built once here (transformers on the meta device), handed to the ranks: they import torch only.
         expected = load_expected_model(snapshot_dir)
+        # Every pickle the ranks will read is opened here first (weights_only=True): a refused or broken file is
+        # reported by name, not as a bare ProcessRaisedException from a spawned rank.
+        for f in sorted(snapshot_dir.glob("pytorch_model*.bin")):
+            check_weights_pickle(f, what="model weights")
         _check_optimizer_names(snapshot_dir, expected, weights_only)
+        # veRL unpickles these with weights_only=False: only validated, re-serialized state (before any rank starts)
+        if not weights_only:
+            for rank in range(world_size):
+                src = snapshot_dir / RESUME_DIR / f"extra_state_rank_{rank if saved_ws == world_size else 0}.pt"
+                rewrite_trainer_state(src, actor / f"extra_state_world_size_{world_size}_rank_{rank}.pt",
+                                      what="veRL's extra state")
+        if (snapshot_dir / RESUME_DIR / "data.pt").is_file():
+            rewrite_trainer_state(snapshot_dir / RESUME_DIR / "data.pt", staging / "data.pt",
+                                  what="veRL's dataloader state")
         with tempfile.TemporaryDirectory() as tmp:
             mp.start_processes(_rank_worker, args=(world_size, str(snapshot_dir), str(actor), weights_only, expected,
                                                    os.path.join(tmp, "init")),
@@ -180,16 +195,28 @@ def write_verl_checkpoint(
         for f in sorted(snapshot_dir.iterdir()):
             if f.is_file() and not f.name.startswith(_NOT_SIDE_FILES):
                 shutil.copyfile(f, hf / f.name)
-        for name in ("data.pt", CURRICULUM_FILE, LINEAGE_FILE):
+        for name in (CURRICULUM_FILE, LINEAGE_FILE):
             if (snapshot_dir / RESUME_DIR / name).is_file():
                 shutil.copyfile(snapshot_dir / RESUME_DIR / name, staging / name)
         os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    (run_dir / "latest_checkpointed_iteration.txt").write_text(str(step))
+    _write_atomic(run_dir / "latest_checkpointed_iteration.txt", str(step))
     logger.info("Wrote veRL checkpoint %s for world size %d", target, world_size)
     return target
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it: a reader never sees half of it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _check_optimizer_names(snapshot_dir: Path, expected: ExpectedModel, weights_only: bool) -> None:
@@ -198,6 +225,7 @@ def _check_optimizer_names(snapshot_dir: Path, expected: ExpectedModel, weights_
         return
     import torch
 
+    check_weights_pickle(snapshot_dir / "optimizer.pt", what="optimizer state")
     full = torch.load(snapshot_dir / "optimizer.pt", map_location="cpu", weights_only=True, mmap=True)
     names = [n for g in full["param_groups"] for n in g["params"]]
     extra, missing = sorted(set(names) - set(expected.param_names)), sorted(set(expected.param_names) - set(names))
@@ -260,10 +288,6 @@ def _rank_worker(rank: int, world_size: int, snapshot_dir: str, actor_dir: str, 
                   for g in full["param_groups"]]
         torch.save({"state": dict(sorted(state.items())), "param_groups": groups},
                    actor / f"optim_world_size_{world_size}_rank_{rank}.pt")
-        own = snap / RESUME_DIR / f"extra_state_rank_{rank}.pt"
-        saved_ws = len(list((snap / RESUME_DIR).glob("extra_state_rank_*.pt")))
-        src = own if saved_ws == world_size else snap / RESUME_DIR / "extra_state_rank_0.pt"
-        shutil.copyfile(src, actor / f"extra_state_world_size_{world_size}_rank_{rank}.pt")
     finally:
         dist.barrier()
         dist.destroy_process_group()
