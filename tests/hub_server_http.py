@@ -196,7 +196,11 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             return self._reset()
         fault = hub._take_fault(self._kind)
         try:
-            if fault is not None and fault["error"] == "stall":
+            if fault is not None and fault["error"] == "hold":
+                while not fault["gate"].wait(0.05):
+                    if hub._down.is_set():
+                        raise _Reset()
+            elif fault is not None and fault["error"] == "stall":
                 if hub._down.wait(fault["seconds"]):
                     raise _Reset()
             elif fault is not None and fault["error"] == "reset":

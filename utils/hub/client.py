@@ -343,6 +343,7 @@ class HubClient:
         description: str | None = None,
         make_ops: Callable[[], list[CommitOperationAdd]] | None = None,
         parent_commit: str | None = None,
+        before_attempt: Callable[[str | None], None] | None = None,
     ) -> str:
         """Commit ``files`` (and delete ``deletions``) on ``branch`` with the outer retry; return the commit id.
 
@@ -361,6 +362,9 @@ class HubClient:
                 defaults to one per entry of ``files``.
             parent_commit: The branch head the caller just read (saves a request on the first attempt); later
                 attempts always re-read it.
+            before_attempt: Called with the head each attempt commits on, right before it (after the "already
+                landed" check); it may raise to stop (e.g. a newer step reached ``main`` meanwhile). Because the
+                commit names that head as its parent, what the check saw is exactly what the commit lands on.
 
         Returns:
             The commit id (40 hex) that holds the files.
@@ -377,6 +381,8 @@ class HubClient:
                 if attempt > 1 and head and self._branch_holds(repo_id, head, files, deletions):
                     logger.info("Commit on %s@%s already landed (%s); not committing again", repo_id, branch, head[:8])
                     return head
+                if before_attempt is not None:
+                    before_attempt(head)
                 ops: list[Any] = make_ops() + [CommitOperationDelete(p) for p in deletions]
                 info = self.api.create_commit(repo_id, ops, commit_message=message, commit_description=description,
                                               revision=branch, parent_commit=head)
