@@ -40,7 +40,8 @@ FORCED_SAVE_FREQ = 10**12
 # steer the hook, `resume` belongs to the resume-from-Hub feature.
 _KNOWN_KEYS = {"enabled", "repo_id", "organization", "private", "optimizer_save_mode", "strategy", "weights_format",
                "dtype", "endpoint", "token", "fail_on_error", "max_shard_size", "namespace", "resume",
-               "bootstrap_from"}  # optional, given as +hf_upload.bootstrap_from=PATH (training/hub_resume.py)
+               "bootstrap_from",  # optional, given as +hf_upload.bootstrap_from=PATH (training/hub_resume.py)
+               "request_timeout", "final_wait_timeout"}  # seconds: one stalled Hub request / the end-of-run wait
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -86,6 +87,7 @@ def uploader_settings(cfg: Any) -> dict[str, Any]:
         "max_shard_size": hf.get("max_shard_size", "5GB"),
         "strategy": str(hf.get("strategy", "end")),
         "namespace": str(hf.get("namespace", None) or ""),
+        "request_timeout": float(hf["request_timeout"]) if hf.get("request_timeout", None) else None,
         "card_info": card_info,
     }
 

@@ -41,6 +41,7 @@ from utils.hub.errors import UploadFailedError
 __all__ = ["HubUploadCallback", "PROGRESS_EVERY_S"]
 
 PROGRESS_EVERY_S = 15.0
+DEFAULT_FINAL_WAIT_S = 10800.0  # hf_upload.final_wait_timeout when unset: 3 h for the last upload
 UPLOAD_NICENESS = 10
 
 
@@ -65,15 +66,18 @@ class _UploadActor:
 
     def upload(self, checkpoint_dir: str, step: int, metrics: dict[str, float] | None) -> dict:
         """Returns a plain, picklable dict (``ok`` and a summary, or the error and the pending marker)."""
+        from utils.errlog import log_traceback
         from utils.hf_uploader import HuggingFaceUploader  # the token comes from HF_TOKEN, inherited from the driver
 
         try:
             result = HuggingFaceUploader(**self.settings).upload_from_checkpoint_dir(checkpoint_dir, step=step,
                                                                                       metrics=metrics)
-        except UploadFailedError as e:
-            return {"ok": False, "error": str(e), "marker": e.pending_marker}
         except Exception as e:  # noqa: BLE001 - reported by the driver; e.g. a corrupt checkpoint
-            return {"ok": False, "error": f"{type(e).__name__}: {e}".splitlines()[0], "marker": None}
+            # The whole traceback goes to a log file beside the checkpoint (shared storage); the line names it.
+            log = log_traceback(e, name=f"upload_error_step_{step}", where=checkpoint_dir)
+            error = str(e) if isinstance(e, UploadFailedError) else f"{type(e).__name__}: {e}".splitlines()[0]
+            return {"ok": False, "error": error, "marker": getattr(e, "pending_marker", None),
+                    "log": str(log) if log else None}
         return {"ok": True, "summary": result.summary(), "tag": result.tag, "commit": result.commit_sha}
 
 
@@ -89,6 +93,8 @@ class HubUploadCallback(CheckpointCallback):
         self.settings = {**uploader_settings(config), "progress": False}
         self.strategy = self.settings["strategy"]
         self.fail_on_error = bool(config.hf_upload.get("fail_on_error", False))
+        wait = config.hf_upload.get("final_wait_timeout", None)
+        self.final_wait_timeout = float(wait) if wait is not None else DEFAULT_FINAL_WAIT_S
         self.keep: int | None = None
         self._saved: list[Path] = []  # this run's step dirs still holding actor shards, oldest first
         self._unsubmitted: tuple[Path, int, bool] | None = None  # saved, waiting for the step's metrics
@@ -143,6 +149,9 @@ class HubUploadCallback(CheckpointCallback):
     def finish(self, *, timeout: float | None = None) -> list[UploadJob]:
         """Wait for the uploads (progress every ``PROGRESS_EVERY_S``), report, rotate; raise if ``fail_on_error``.
 
+        The wait ends after ``timeout`` seconds (default ``hf_upload.final_wait_timeout``): an upload still running
+        then is stopped, and its step directory gets ``upload_pending.json`` with the command that finishes it.
+
         Returns:
             Every upload job of the run.
 
@@ -157,13 +166,15 @@ class HubUploadCallback(CheckpointCallback):
             self._unsubmitted = None
         if self._bg is None:
             return []
-        started, deadline = time.monotonic(), None if timeout is None else time.monotonic() + timeout
-        while not self._bg.wait(PROGRESS_EVERY_S):
+        timeout = self.final_wait_timeout if timeout is None else timeout
+        started, deadline = time.monotonic(), time.monotonic() + timeout
+        while not self._bg.wait(min(PROGRESS_EVERY_S, max(0.0, deadline - time.monotonic()))):
             running = [j for j in self._bg.jobs if j.state in ("running", "queued")]
-            _log(f"waiting for the Hub upload of step(s) {', '.join(str(j.step) for j in running)} "
-                 f"({time.monotonic() - started:.0f}s so far)")
-            if deadline is not None and time.monotonic() > deadline:
+            if time.monotonic() >= deadline:
+                self._give_up(running, timeout)
                 break
+            _log(f"waiting for the Hub upload of step(s) {', '.join(str(j.step) for j in running)} "
+                 f"({time.monotonic() - started:.0f}s so far, at most {timeout:.0f}s: hf_upload.final_wait_timeout)")
         jobs = self._bg.finish(timeout=0)
         if self._actor is not None:
             ray.kill(self._actor)
@@ -174,6 +185,28 @@ class HubUploadCallback(CheckpointCallback):
             raise UploadFailedError(f"{len(failed)} Hub upload(s) failed (hf_upload.fail_on_error=true); see the "
                                     "[hf_upload] ERROR lines above for the command that finishes them")
         return jobs
+
+    def _give_up(self, unfinished: list[UploadJob], timeout: float) -> None:
+        """The final wait ran out: leave a marker per unfinished upload, say so, and stop the upload actor."""
+        from utils.hf_uploader import HuggingFaceUploader
+        from utils.hub.pending import PendingUpload, write_pending
+
+        options = HuggingFaceUploader(**self.settings).options()
+        for job in unfinished:
+            reason = (f"the run stopped waiting for this upload after {timeout:.0f}s (hf_upload.final_wait_timeout)")
+            try:
+                write_pending(job.checkpoint_dir, PendingUpload(
+                    checkpoint_dir=str(job.checkpoint_dir), repo_id=self.settings["repo_id"], step=job.step,
+                    options={**options, "metrics": dict(job.metrics or {}), "base_model": None}, error=reason))
+                _log(f"ERROR step {job.step}: {reason}; stopped it. upload_pending.json left in {job.checkpoint_dir}; "
+                     f"finish the job with: python utils/hf_uploader.py resume {job.checkpoint_dir}", error=True)
+            except Exception as e:  # noqa: BLE001 - report what we could not leave behind, keep going
+                _log(f"ERROR step {job.step}: {reason}, and upload_pending.json could not be written ({e}); retry "
+                     f"with: python utils/hf_uploader.py upload {job.checkpoint_dir} --repo-id "
+                     f"{self.settings['repo_id']}", error=True)
+        if self._actor is not None:  # stops the in-flight upload; its staging folder is swept by the next one
+            ray.kill(self._actor)
+            self._actor = None
 
     # ------------------------------------------------------------------ internals
     def _submit(self, step_dir: Path, step: int, final: bool, *, metrics: dict[str, float] | None) -> None:
@@ -192,7 +225,9 @@ class HubUploadCallback(CheckpointCallback):
             self._actor = _UploadActor.options(**options).remote(self.settings)
         out = ray.get(self._actor.upload.remote(str(checkpoint_dir), step, metrics))
         if not out["ok"]:
-            raise UploadFailedError(out["error"], pending_marker=out.get("marker"))
+            err = UploadFailedError(out["error"], pending_marker=out.get("marker"))
+            err.log = out.get("log")  # type: ignore[attr-defined] - the traceback file, named in the ERROR line
+            raise err
         return out
 
     def _report(self, job: UploadJob) -> None:
@@ -202,6 +237,8 @@ class HubUploadCallback(CheckpointCallback):
         step_dir = job.checkpoint_dir
         marker = getattr(job.error, "pending_marker", None)
         reason = str(job.error).split("; finish it later with:")[0].rstrip(". ")
+        if getattr(job.error, "log", None):
+            reason += f" (details: {job.error.log})"
         if marker:
             _log(f"ERROR step {job.step}: {reason}. upload_pending.json left in {step_dir}; finish the job with: "
                  f"python utils/hf_uploader.py resume {step_dir}", error=True)
@@ -220,7 +257,14 @@ class HubUploadCallback(CheckpointCallback):
             if step_dir in pinned:
                 continue  # an upload reads it; deleted by a later save or at finish
             _log(f"rotation: removing {step_dir / 'actor'} (max_actor_ckpt_to_keep={self.keep})")
-            shutil.rmtree(step_dir / "actor", ignore_errors=True)
+            try:
+                shutil.rmtree(step_dir / "actor")
+            except FileNotFoundError:
+                pass  # removed already (by hand, or by veRL)
+            except OSError as e:  # said out loud, not ignored: the disk fills up otherwise; retried next save
+                _log(f"ERROR rotation could not remove {step_dir / 'actor'}: {e}; will retry at the next save",
+                     error=True)
+                continue
             self._saved.remove(step_dir)
 
 

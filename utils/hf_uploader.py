@@ -201,6 +201,8 @@ class HuggingFaceUploader:
         max_attempts, retry_base_delay: Outer retry of whole commits (see :class:`utils.hub.client.HubClient`).
         write_pending_marker: Leave ``upload_pending.json`` in the step directory when an upload fails.
         progress: Show the consolidation progress bar.
+        request_timeout: Seconds one Hub request may stall (connect 10 s; read/write this, default 120 or
+            ``HF_HUB_UPLOAD_TIMEOUT``) before it fails and is retried - a Hub that never answers cannot hang a run.
 
     Example:
         >>> up = HuggingFaceUploader("qwen-grpo", organization="acme", private=True)  # doctest: +SKIP
@@ -229,6 +231,7 @@ class HuggingFaceUploader:
         retry_base_delay: float = 2.0,
         write_pending_marker: bool = True,
         progress: bool = True,
+        request_timeout: float | None = None,
     ):
         self.repo_id = resolve_repo_id(repo_id, organization)
         self.organization = organization
@@ -245,8 +248,9 @@ class HuggingFaceUploader:
         self.staging_dir = Path(staging_dir) if staging_dir else None
         self.write_pending_marker = write_pending_marker
         self.progress = progress
+        self.request_timeout = request_timeout
         self.client = HubClient(token=token, endpoint=endpoint, max_attempts=max_attempts,
-                                retry_base_delay=retry_base_delay)
+                                retry_base_delay=retry_base_delay, request_timeout=request_timeout)
         self._preflight: PreflightReport | None = None
         self._preflight_wrote = False  # a read-only (dry-run) preflight does not count for a real upload
 
@@ -264,7 +268,8 @@ class HuggingFaceUploader:
         return {"private": self.private, "optimizer_save_mode": self.optimizer_save_mode,
                 "weights_format": self.weights_format, "dtype": self.dtype, "max_shard_size": self.max_shard_size,
                 "strategy": self.strategy, "model_card": self.model_card, "card_info": self.card_info,
-                "namespace": self.namespace, "endpoint": self.client.endpoint}
+                "namespace": self.namespace, "endpoint": self.client.endpoint,
+                "request_timeout": self.request_timeout}
 
     # ------------------------------------------------------------------ preflight
     def preflight(self, *, create: bool = True) -> PreflightReport:
@@ -318,7 +323,7 @@ class HuggingFaceUploader:
         try:
             self.preflight()
         except HubUnreachableError as e:  # e.g. the Hub is down at the end of training: resumable, leave a marker
-            raise self._failed(e, step, metrics, model_name, step_dir, checkpoint_dir) from None
+            raise self._failed(e, step, metrics, model_name, step_dir, checkpoint_dir) from e
         with step_lock(step_dir):
             check_staging_space(checkpoint_dir, self.staging_dir, include_optimizer=self.include_optimizer)
             staging = Path(tempfile.mkdtemp(prefix=f"hf_upload_step{step}_", dir=self.staging_dir))
@@ -376,7 +381,7 @@ class HuggingFaceUploader:
         except (TagConflictError, InvalidUploadConfigError):
             raise
         except Exception as e:  # noqa: BLE001 - every other failure becomes one clear, token-free error (+ marker)
-            raise self._failed(e, step, metrics, base_model, pending_dir, checkpoint_dir) from None
+            raise self._failed(e, step, metrics, base_model, pending_dir, checkpoint_dir) from e
         url = f"{self.client.endpoint}/{self.repo_id}/tree/{outcome.tag}"
         result = UploadResult(self.repo_id, step, outcome.tag, outcome.commit, url, outcome.sent_files,
                               outcome.sent_bytes, time.perf_counter() - started, outcome.skipped, outcome.on_main,

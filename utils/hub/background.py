@@ -160,11 +160,13 @@ class BackgroundUploader:
                 logger.error("background upload of step %d failed: %s", job.step, str(e).splitlines()[0] if
                              str(e) else type(e).__name__)
             job.seconds = time.monotonic() - t0
-            with self._cond:
-                self._running = None
-                self._cond.notify_all()
+            # Report first, then clear "running": wait()/finish() return only after the ERROR line (with the command
+            # that finishes the job) is out, so it is never lost when the process ends right after.
             if self._on_done is not None:
                 try:
                     self._on_done(job)
                 except Exception:  # noqa: BLE001 - a broken callback must not kill the worker
                     logger.exception("on_done callback failed")
+            with self._cond:
+                self._running = None
+                self._cond.notify_all()

@@ -27,8 +27,8 @@ logger = logging.getLogger("utils.hf_uploader")
 def _steps(text: str) -> list[int]:
     try:
         return [int(s) for s in text.replace(" ", "").split(",") if s]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--steps wants comma-separated integers like 100,200, got {text!r}") from None
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--steps wants comma-separated integers like 100,200, got {text!r}") from e
 
 
 def build_parser() -> argparse.ArgumentParser:

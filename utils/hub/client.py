@@ -44,6 +44,7 @@ from utils.hub.errors import (
     ReadOnlyTokenError,
     redact,
 )
+from utils.hub.timeouts import DEFAULT_READ_TIMEOUT, install_timeouts, unreachable_reason
 
 __all__ = [
     "HubClient", "LocalFile", "PreflightReport", "RemoteFile", "check_repo_id", "is_transient", "local_files", "resolve_token",
@@ -138,6 +139,8 @@ class HubClient:
         max_attempts: Attempts of a whole commit (and of the cheap reads around it) before giving up.
         retry_base_delay: First backoff delay in seconds; doubles per attempt, jittered in [50 %, 100 %].
         retry_max_delay: Upper bound of one backoff delay.
+        request_timeout: Seconds one socket read/write may stall before the request fails (and is retried);
+            default ``HF_HUB_UPLOAD_TIMEOUT`` or 120. Process-wide (see :mod:`utils.hub.timeouts`).
         sleep: Injected for tests that want no real waiting.
 
     Example:
@@ -154,7 +157,11 @@ class HubClient:
         retry_base_delay: float = 2.0,
         retry_max_delay: float = 60.0,
         sleep: Callable[[float], None] = time.sleep,
+        request_timeout: float | None = None,
     ):
+        # Every request gets connect/read limits (huggingface_hub sends many with none): a Hub that accepts the
+        # connection and never answers fails the request instead of hanging the run (utils/hub/timeouts.py).
+        install_timeouts(read=request_timeout or DEFAULT_READ_TIMEOUT)
         self._token = resolve_token(token)
         self.endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
         self.api = HfApi(endpoint=self.endpoint, token=self._token or False)
@@ -195,12 +202,12 @@ class HubClient:
                 raise InvalidTokenError(
                     f"The Hub at {self.endpoint} rejected the token (401). Create a new token with the 'write' role "
                     "at https://huggingface.co/settings/tokens and put it in HF_TOKEN."
-                ) from None
-            raise HubUnreachableError(self.redact(f"whoami failed at {self.endpoint}: {e}")) from None
+                ) from e
+            raise HubUnreachableError(self.redact(f"whoami failed at {self.endpoint}: {e}")) from e
         except (httpx.TransportError, OSError) as e:
             raise HubUnreachableError(
-                f"Cannot reach the Hub at {self.endpoint} ({type(e).__name__}). Check the network and HF_ENDPOINT."
-            ) from None
+                f"{unreachable_reason(self.endpoint, e)}. Check the network and HF_ENDPOINT."
+            ) from e
 
     def preflight(self, repo_id: str, *, private: bool, create: bool = True) -> PreflightReport:
         """Check everything an upload needs before any expensive work starts, and create the repo.
@@ -252,15 +259,15 @@ class HubClient:
                     raise NamespaceAccessError(
                         f"The Hub refused to create '{repo_id}' for user '{user}' ({e.response.status_code}). Check "
                         "that the token may write to this namespace (fine-grained tokens need repo write access)."
-                    ) from None
-                raise HubUnreachableError(self.redact(f"create_repo('{repo_id}') failed: {e}")) from None
+                    ) from e
+                raise HubUnreachableError(self.redact(f"create_repo('{repo_id}') failed: {e}")) from e
             is_private, created = private, True
         except HfHubHTTPError as e:  # after retries: a server-side failure, not something the user can fix here
-            raise HubUnreachableError(self.redact(f"repo_info('{repo_id}') failed at {self.endpoint}: {e}")) from None
+            raise HubUnreachableError(self.redact(f"repo_info('{repo_id}') failed at {self.endpoint}: {e}")) from e
         except (httpx.TransportError, OSError) as e:
             raise HubUnreachableError(
-                f"Cannot reach the Hub at {self.endpoint} ({type(e).__name__}). Check the network and HF_ENDPOINT."
-            ) from None
+                f"{unreachable_reason(self.endpoint, e)}. Check the network and HF_ENDPOINT."
+            ) from e
         if private and not is_private:
             raise InvalidUploadConfigError(
                 f"Repo '{repo_id}' already exists and is PUBLIC, but private=True was requested. Make it private in "
@@ -431,7 +438,7 @@ def check_repo_id(repo_id: str | None) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise InvalidRepoIdError(f"repo_id {repo_id!r} is not a valid Hub repo id: {e}") from None
+        raise InvalidRepoIdError(f"repo_id {repo_id!r} is not a valid Hub repo id: {e}") from e
 
 
 def local_files(folder: Path, *, prefix: str = "", extra: Mapping[str, bytes] | None = None) -> list[LocalFile]:

@@ -113,7 +113,7 @@ def read_pending(step_dir: Path) -> PendingUpload | None:
         raise PendingUploadError(
             f"{path} is not a valid pending-upload marker ({e}). Delete it and run "
             f"`python utils/hf_uploader.py upload {step_dir} --repo-id ...` instead."
-        ) from None
+        ) from e
 
 
 def clear_pending(step_dir: Path) -> None:
@@ -145,11 +145,11 @@ def step_lock(step_dir: Path, timeout: float = 0) -> Iterator[None]:
     lock = FileLock(str(path), timeout=timeout)
     try:
         lock.acquire()
-    except Timeout:
+    except Timeout as e:
         raise UploadInProgressError(
             f"Another process is uploading {step_dir} (lock {path}). Wait for it, or delete the lock file if that "
             "process is gone."
-        ) from None
+        ) from e
     try:
         yield
     finally:
