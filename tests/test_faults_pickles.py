@@ -191,3 +191,16 @@ def test_what_pull_writes_for_verl_holds_only_allow_listed_types(hub, clean_snap
         assert not foreign or all(g.startswith("torch.") for g in foreign), (p, foreign)
         torch.load(p, weights_only=False)  # what veRL's checkpoint manager and trainer do
     load_trainer_state(out / "global_step_2" / "actor" / "extra_state_world_size_2_rank_0.pt")
+
+
+def test_verify_understands_a_resume_snapshot_in_a_namespace(hub, clean_snapshot, run_dir, monkeypatch, capsys):
+    """`verify --namespace exp --against STEP` on a strategy=checkpoint upload: resume files are expected, compared
+    with the local step's re-serialized state, and the model in the subfolder loads."""
+    repo, _ = clean_snapshot
+    _, root = run_dir
+    monkeypatch.setenv("HF_TOKEN", hub.token_for("alice"))
+    code = cli_main(["verify", "--repo-id", repo, "--namespace", "exp", "--revision", "step-2", "--against",
+                     str(root / "global_step_2")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "loadable: True" in out and "OK" in out and "PROBLEM" not in out

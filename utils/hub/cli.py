@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--format", dest="weights_format", default=None, choices=["bin", "safetensors"])
     vf.add_argument("--dtype", default=None)
     vf.add_argument("--no-load", dest="load", action="store_false", help="skip the transformers load check")
+    vf.add_argument("--namespace", default="", help="the experiment's subfolder of the repo (default: the root)")
     pl = sub.add_parser("pull", help="download the newest complete resume snapshot and write veRL's checkpoint "
                                      "layout for a world size")
     pl.add_argument("--repo-id", required=True)
@@ -172,7 +173,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     report = verify_upload(args.repo_id, args.revision, args.against, endpoint=args.endpoint,
                            weights_format=args.weights_format, dtype=args.dtype, load=args.load,
-                           raise_on_problem=False)
+                           raise_on_problem=False, namespace=args.namespace)
     print(report.describe())
     return 0 if report.ok else 1
 
