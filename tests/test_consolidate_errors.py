@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
 from torch.distributed.tensor.placement_types import Partial, _StridedShard
 
-import utils.load_fsdp_to_hf as engine
+import utils.checkpoint.consolidate as engine
 from utils.checkpoint.errors import (
     CheckpointError,
     CorruptShardError,

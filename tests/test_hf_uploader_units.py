@@ -8,12 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from utils.hf_uploader import (
-    HuggingFaceUploader,
-    _default_message,
-    resolve_repo_id,
-    validate_optimizer_save_mode,
-)
+from utils.hf_uploader import HuggingFaceUploader, resolve_repo_id, validate_optimizer_save_mode
 from utils.hub.background import BackgroundUploader
 from utils.hub.card import CardInfo, headline_metrics, is_generated_card, render_model_card
 from utils.hub.errors import (
@@ -26,6 +21,7 @@ from utils.hub.errors import (
 )
 from utils.hub.pending import PendingUpload, find_pending, read_pending, step_from_path, write_pending
 from utils.hub.push import _is_managed, tag_for_step
+from utils.hub.uploader import _default_message
 
 
 @pytest.mark.parametrize(("repo_id", "org", "expected"), [
@@ -181,7 +177,7 @@ def test_background_uploader_records_failures_and_keeps_going(tmp_path):
     assert gate.done == [14]
 
 
-@pytest.mark.parametrize("module", ["utils.hf_uploader", "utils.hub.errors", "utils.hub.push", "utils.hub.card",
+@pytest.mark.parametrize("module", ["utils.hf_uploader", "utils.hub.uploader", "utils.hub.errors", "utils.hub.push", "utils.hub.card",
                                     "utils.hub.pending"])
 def test_docstring_examples_run(module):
     import doctest

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _uploader(args: argparse.Namespace):
-    from utils.hf_uploader import HuggingFaceUploader
+    from utils.hub.uploader import HuggingFaceUploader
 
     return HuggingFaceUploader(args.repo_id, args.organization, args.private, args.optimizer_save_mode,
                                endpoint=args.endpoint, weights_format=args.weights_format, dtype=args.dtype,
@@ -152,7 +152,7 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from utils.hf_uploader import resume_pending
+    from utils.hub.uploader import resume_pending
 
     outcomes = resume_pending(args.run_dir, endpoint=args.endpoint)
     if not outcomes:

@@ -136,8 +136,8 @@ def _compare_with_local(report: VerifyReport, hub_dir: Path, ckpt: Path, out: Pa
                         dtype: str | None, state: dict | None = None) -> None:
     import json
 
+    from utils.checkpoint.consolidate import consolidate_checkpoint
     from utils.hub.resume_state import TRAINER_STATE_FILE, stage_resume_files
-    from utils.load_fsdp_to_hf import consolidate_checkpoint
 
     names = set(report.files)
     fmt = weights_format or ("safetensors" if any(n.endswith(".safetensors") for n in names) else "bin")

@@ -1,0 +1,56 @@
+"""Command-line face of the engine: ``python utils/load_fsdp_to_hf.py CKPT_DIR OUT_DIR [options]``.
+
+Exit codes: 0 success, 1 a checkpoint or argument error (one ``error:`` line on stderr), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from utils.checkpoint.consolidate import consolidate_checkpoint
+from utils.checkpoint.errors import CheckpointError
+from utils.checkpoint.model_config import DTYPES
+from utils.checkpoint.writer import WEIGHT_FORMATS
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``load_fsdp_to_hf``."""
+    p = argparse.ArgumentParser(
+        prog="load_fsdp_to_hf", description="Consolidate a veRL FSDP checkpoint into a Hugging Face model folder.")
+    p.add_argument("ckpt_dir", help="global_step_N/actor, global_step_N, or the run directory (latest step)")
+    p.add_argument("out_dir", help="output folder (must not exist or be empty, unless --overwrite)")
+    p.add_argument("--format", dest="weights_format", choices=sorted(WEIGHT_FORMATS), default="bin")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="auto = the dtype in the checkpoint's huggingface/config.json")
+    p.add_argument("--max-shard-size", default="5GB", help="largest weight file, e.g. 5GB, 500MB (default 5GB)")
+    p.add_argument("--optimizer", action="store_true", help="also write a name-keyed optimizer.pt")
+    p.add_argument("--base-model", default=None, help="config/tokenizer folder if the checkpoint has no huggingface/")
+    p.add_argument("--step", type=int, default=None, help="with a run directory: the step (default: latest)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    p.add_argument("--verify", action="store_true", help="load the result with transformers and compare bitwise")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no log lines; errors still go to stderr")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit code (0 ok, 1 checkpoint/argument error, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
+                        stream=sys.stderr)
+    try:
+        result = consolidate_checkpoint(
+            args.ckpt_dir, args.out_dir, step=args.step, weights_format=args.weights_format, dtype=args.dtype,
+            max_shard_size=args.max_shard_size, include_optimizer=args.optimizer, base_model=args.base_model,
+            overwrite=args.overwrite, verify=args.verify, progress=not args.quiet)
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    print(result.summary())
+    return 0
