@@ -27,6 +27,8 @@ HF_UPLOAD_DISABLED = {
     "max_shard_size": "5GB",
     "namespace": None,
     "resume": "auto",
+    "request_timeout": 120,
+    "final_wait_timeout": 10800,
 }
 
 
