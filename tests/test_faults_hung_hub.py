@@ -114,3 +114,18 @@ def _default_timeouts():
     from utils.hub.timeouts import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, install_timeouts
 
     install_timeouts(connect=DEFAULT_CONNECT_TIMEOUT, read=DEFAULT_READ_TIMEOUT)
+
+
+def test_resume_never_sends_the_token_to_an_endpoint_named_only_by_a_marker(hub, tmp_path, monkeypatch):
+    from utils.hf_uploader import resume_pending
+    from utils.hub.errors import PendingUploadError
+    from utils.hub.pending import PendingUpload, write_pending
+
+    step_dir = tmp_path / "run" / "global_step_5"
+    step_dir.mkdir(parents=True)
+    write_pending(step_dir, PendingUpload(checkpoint_dir=str(step_dir), repo_id="alice/consent", step=5,
+                                         options={"endpoint": "http://127.0.0.1:9"}))  # planted by someone else
+    monkeypatch.setenv("HF_TOKEN", hub.token_for("alice"))
+    (where, outcome), = resume_pending(tmp_path / "run")
+    assert isinstance(outcome, PendingUploadError) and "--endpoint http://127.0.0.1:9" in str(outcome)
+    assert hub.requests.total() == 0 and read_pending(step_dir) is not None  # nothing sent anywhere; marker kept

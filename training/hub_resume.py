@@ -44,6 +44,7 @@ from typing import Any
 from omegaconf import DictConfig, open_dict
 
 from training.errors import ConfigError
+from utils.checkpoint.tempdirs import write_text_atomic
 
 __all__ = ["resume_from_hub", "write_lineage", "compat_fingerprint", "ResumeError", "IncompatibleResumeError",
            "ResumeOutcome", "RESUME_MODES"]
@@ -136,9 +137,8 @@ def write_lineage(config: DictConfig, step_dir: str | Path) -> Path:
         "verl_version": getattr(verl, "__version__", None),
         "world_size": int(trainer.n_gpus_per_node) * int(trainer.nnodes),
     }
-    path = step_dir / "lineage.json"
-    path.write_text(json.dumps(lineage, indent=2, sort_keys=True))
-    return path
+    # Atomic (temp file + rename): a crash mid-save never leaves half a JSON document for the uploader to choke on.
+    return write_text_atomic(step_dir / "lineage.json", json.dumps(lineage, indent=2, sort_keys=True))
 
 
 def resume_from_hub(cfg: DictConfig) -> ResumeOutcome:

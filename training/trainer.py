@@ -172,8 +172,9 @@ class ReasoningGymTrainer(PPOTrainerSync):
         write_lineage(self.config, folder)
         if self.curriculum is not None:
             os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(folder, CURRICULUM_STATE_FILE), "w") as f:
-                json.dump(self.curriculum.state_dict(), f)
+            from utils.checkpoint.tempdirs import write_text_atomic  # temp file + rename: never half a document
+
+            write_text_atomic(os.path.join(folder, CURRICULUM_STATE_FILE), json.dumps(self.curriculum.state_dict()))
         super()._save_checkpoint()
 
     def _compute_metrics(self, batch: Any, metrics: dict, timing_raw: dict, global_steps: int, epoch: int) -> Any:

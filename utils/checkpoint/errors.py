@@ -27,6 +27,8 @@ __all__ = [
     "InvalidModelConfigError",
     "TiedWeightMismatchError",
     "UnsafePickleError",
+    "OutputSpaceError",
+    "CheckpointVanishedError",
 ]
 
 
@@ -111,3 +113,11 @@ class UnsafePickleError(CheckpointError, ValueError):
     Raised instead of loading it: nothing in the file was executed. The message names the file and the refused
     global (``posix.system``, ...).
     """
+
+
+class OutputSpaceError(CheckpointError, OSError):
+    """The output filesystem has (or had, mid-write) less free space than the consolidated model needs."""
+
+
+class CheckpointVanishedError(CheckpointError, FileNotFoundError):
+    """The checkpoint's files disappeared while they were being read (deleted or moved, e.g. by rotation)."""

@@ -36,6 +36,7 @@ from typing import Any
 from utils.checkpoint.errors import CheckpointError, OptimizerMismatchError
 from utils.checkpoint.model_config import ExpectedModel, load_expected_model
 from utils.checkpoint.safe_state import check_weights_pickle, rewrite_trainer_state
+from utils.checkpoint.tempdirs import make_owned_temp_dir, remove_owned, sweep_stale, write_text_atomic
 from utils.hub.resume_state import CURRICULUM_FILE, LINEAGE_FILE, RESUME_DIR
 
 __all__ = ["write_verl_checkpoint", "ReshardError", "ConsolidatedWeights", "load_consolidated_weights", "shard_rows"]
@@ -165,7 +166,8 @@ def write_verl_checkpoint(
         logger.warning("Resharding from world size %d to %d: every rank gets rank 0's RNG state (the lr scheduler "
                        "is the same on all ranks).", saved_ws, world_size)
     run_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".global_step_{step}.", dir=run_dir))  # same filesystem: atomic rename
+    sweep_stale(run_dir, ".global_step_")  # a pull killed mid-way left its staging folder: ours and stale
+    staging = make_owned_temp_dir(run_dir, f".global_step_{step}.")  # same filesystem: atomic rename
     try:
         actor = staging / "actor"
         actor.mkdir()
@@ -199,24 +201,13 @@ def write_verl_checkpoint(
             if (snapshot_dir / RESUME_DIR / name).is_file():
                 shutil.copyfile(snapshot_dir / RESUME_DIR / name, staging / name)
         os.replace(staging, target)
+        remove_owned(staging)  # only its owner record is left at the old name
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_owned(staging)
         raise
-    _write_atomic(run_dir / "latest_checkpointed_iteration.txt", str(step))
+    write_text_atomic(run_dir / "latest_checkpointed_iteration.txt", str(step))
     logger.info("Wrote veRL checkpoint %s for world size %d", target, world_size)
     return target
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it: a reader never sees half of it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _check_optimizer_names(snapshot_dir: Path, expected: ExpectedModel, weights_only: bool) -> None:

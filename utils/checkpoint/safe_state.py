@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,10 @@ __all__ = ["load_trainer_state", "rewrite_trainer_state", "check_weights_pickle"
            "refused_global"]
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_NUMERIC_DTYPE_CLASSES = ("BoolDType", "Int8DType", "Int16DType", "Int32DType", "Int64DType", "UInt8DType",
+                          "UInt16DType", "UInt32DType", "UInt64DType", "Float16DType", "Float32DType", "Float64DType",
+                          "ByteDType", "UByteDType", "ShortDType", "UShortDType", "IntDType", "UIntDType", "LongDType",
+                          "ULongDType", "LongLongDType", "ULongLongDType")
 
 
 def _numpy_globals() -> list[Any]:
@@ -40,7 +45,9 @@ def _numpy_globals() -> list[Any]:
     import numpy as np
 
     core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
-    return [core.multiarray._reconstruct, np.ndarray, np.dtype]
+    # numpy >= 1.25 pickles a dtype through its class (np.dtypes.UInt32DType for the MT19937 key): numeric only.
+    numeric = [getattr(np.dtypes, n, None) for n in _NUMERIC_DTYPE_CLASSES] if hasattr(np, "dtypes") else []
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, *[c for c in numeric if c is not None]]
 
 
 def refused_global(exc: BaseException) -> str | None:
@@ -113,14 +120,14 @@ def rewrite_trainer_state(src: str | Path, dst: str | Path, *, what: str = "veRL
 
     obj = load_trainer_state(src, what=what)
     dst = Path(dst)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
+    # Saved under its final file name (torch names the archive after it, as veRL's own torch.save(path) does, so
+    # an unchanged state round-trips byte for byte), in a private folder beside dst, then renamed into place.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        torch.save(obj, tmp / dst.name)
+        os.replace(tmp / dst.name, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return obj
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 from huggingface_hub.errors import RepositoryNotFoundError
 
+from utils.checkpoint.tempdirs import make_owned_temp_dir, remove_owned, sweep_stale, terminate_as_interrupt
 from utils.hub.errors import HubUploadError, redact
 
 __all__ = ["main", "build_parser"]
@@ -119,7 +119,9 @@ def _dry_run(up, args: argparse.Namespace) -> int:
         notes.append(f"user {report.user}; repo {'private' if report.private else 'PUBLIC'}")
     else:
         notes.append("no token found (HF_TOKEN): a real upload would fail at preflight")
-    staging = Path(tempfile.mkdtemp(prefix="hf_dry_run_", dir=up.staging_dir))
+    parent = up.staging_dir or Path(tempfile.gettempdir())
+    sweep_stale(parent, "hf_dry_run_")
+    staging = make_owned_temp_dir(parent, "hf_dry_run_")
     try:
         res = up._consolidate(Path(args.checkpoint_dir), staging / "model", step, args.model_name)
         try:
@@ -136,7 +138,7 @@ def _dry_run(up, args: argparse.Namespace) -> int:
         print(f"dry run: {'; '.join(notes)}; consolidation {res.dtype}, world size {res.world_size}; nothing written "
               "to the Hub")
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_owned(staging)
     return 0
 
 
@@ -197,14 +199,29 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"upload": _cmd_upload, "backfill": _cmd_backfill, "resume": _cmd_resume, "verify": _cmd_verify,
                "pull": _cmd_pull}
     try:
-        return handler[args.command](args)
+        with terminate_as_interrupt():  # SIGTERM unwinds like Ctrl-C: staging folders are removed on the way out
+            return handler[args.command](args)
     except HubUploadError as e:
-        print(f"error: {redact(_first_line(e), os.environ.get('HF_TOKEN'))}", file=sys.stderr)
+        print(f"error: {redact(_first_line(e), os.environ.get('HF_TOKEN'))}{_details(e)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", None)
+        print(f"{f'terminated (signal {signum})' if signum else 'interrupted'}: temporary files removed; run the "
+              "same command again (uploads are idempotent; a failed one left upload_pending.json for `resume`)",
+              file=sys.stderr)
+        return 128 + (signum or 2)
     except Exception as e:  # noqa: BLE001 - the engine's errors and anything unexpected: one line, non-zero exit
-        print(f"error: {type(e).__name__}: {redact(_first_line(e), os.environ.get('HF_TOKEN'))}", file=sys.stderr)
-        logger.debug("traceback", exc_info=True)
+        print(f"error: {type(e).__name__}: {redact(_first_line(e), os.environ.get('HF_TOKEN'))}{_details(e)}",
+              file=sys.stderr)
         return 1
+
+
+def _details(e: BaseException) -> str:
+    """`` (details: LOG)``: the full traceback, token removed, goes to a log file (utils/errlog.py)."""
+    from utils.errlog import log_traceback
+
+    path = log_traceback(e, name="hf_uploader")
+    return f" (details: {path})" if path else ""
 
 
 def _first_line(e: BaseException) -> str:

@@ -74,7 +74,7 @@ def stage_resume_files(step_dir: Path, folder: Path, *, step: int, world_size: i
     dataloader = None
     if (step_dir / "data.pt").is_file():
         dataloader = rewrite_trainer_state(step_dir / "data.pt", resume / "data.pt", what="veRL's dataloader state")
-    for name in (CURRICULUM_FILE, LINEAGE_FILE):  # JSON: parsed and written again, so only JSON travels
+    for name in (CURRICULUM_FILE, LINEAGE_FILE):  # JSON: checked to parse, then copied
         if (step_dir / name).is_file():
             _rewrite_json(step_dir / name, resume / name)
     lineage = json.loads((step_dir / LINEAGE_FILE).read_text()) if (step_dir / LINEAGE_FILE).is_file() else {}
@@ -131,11 +131,13 @@ def snapshot_problems(folder: Path, state: dict[str, Any]) -> list[str]:
 
 
 def _rewrite_json(src: Path, dst: Path) -> None:
+    """Copy a JSON side file after checking it parses (JSON carries data only; nothing in it can run)."""
+    raw = src.read_bytes()
     try:
-        data = json.loads(src.read_text())
-    except (OSError, ValueError) as e:
+        json.loads(raw)
+    except ValueError as e:
         raise ValueError(f"{src}: not valid JSON ({e}); fix or delete it before uploading a resume snapshot.") from e
-    dst.write_text(json.dumps(data, indent=2, sort_keys=True))
+    dst.write_bytes(raw)
 
 
 def _scheduler_summary(extra_state: Any) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from utils.checkpoint.tempdirs import make_owned_temp_dir, remove_owned, sweep_stale
 from utils.hub.card import CardInfo, headline_metrics, render_model_card
 from utils.hub.client import HubClient, PreflightReport, check_repo_id
 from utils.hub.errors import (
@@ -58,6 +59,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("utils.hf_uploader")  # the public face's name: what users filter on
+
+STAGING_PREFIX = "hf_upload_step"  # <TMPDIR or staging_dir>/hf_upload_step<N>_<random>/model
 
 VALID_OPTIMIZER_SAVE_MODES = (None, "full")
 VALID_STRATEGIES = ("end", "every_save", "checkpoint")
@@ -313,8 +316,12 @@ class HuggingFaceUploader:
         except HubUnreachableError as e:  # e.g. the Hub is down at the end of training: resumable, leave a marker
             raise self._failed(e, step, metrics, model_name, step_dir, checkpoint_dir) from e
         with step_lock(step_dir):
+            # Staging folders of uploads that were killed (kill -9, a Ray actor stopped at the end of a run) are
+            # removed first, when provably ours and stale (utils/checkpoint/tempdirs.py); then the space check.
+            parent = self.staging_dir or Path(tempfile.gettempdir())
+            sweep_stale(parent, STAGING_PREFIX)
             check_staging_space(checkpoint_dir, self.staging_dir, include_optimizer=self.include_optimizer)
-            staging = Path(tempfile.mkdtemp(prefix=f"hf_upload_step{step}_", dir=self.staging_dir))
+            staging = make_owned_temp_dir(parent, f"{STAGING_PREFIX}{step}_")
             try:
                 consolidation = self._consolidate(checkpoint_dir, staging / "model", step, model_name)
                 if self.strategy == "checkpoint":  # issue 5: what resume needs, hashed, beside the model
@@ -323,7 +330,7 @@ class HuggingFaceUploader:
                                       consolidation=consolidation, base_model=model_name, started=started,
                                       pending_dir=step_dir, checkpoint_dir=checkpoint_dir)
             finally:
-                shutil.rmtree(staging, ignore_errors=True)
+                remove_owned(staging)
         clear_pending(step_dir)
         return result
 
@@ -537,7 +544,9 @@ def resume_pending(
     """Finish every upload that left an ``upload_pending.json`` under ``run_dir`` (searched recursively).
 
     The settings come from each marker; the token from ``token``, ``HF_TOKEN`` or the saved login (markers never
-    hold one); the endpoint from ``endpoint`` or the marker. A finished upload removes its marker.
+    hold one). The token goes only to the endpoint the user named (``endpoint``, else ``HF_ENDPOINT``, else
+    huggingface.co): a marker that names another one is refused (a marker file is not consent to send a token
+    somewhere). A finished upload removes its marker.
 
     Returns:
         ``(step_dir, UploadResult or the exception)`` per marker, in path order. Failures are returned, not raised,
@@ -552,7 +561,7 @@ def resume_pending(
             pending = read_pending(step_dir)
             opts = dict(pending.options)
             metrics, base_model = opts.pop("metrics", None), opts.pop("base_model", None)
-            opts["endpoint"] = endpoint or opts.get("endpoint")
+            opts["endpoint"] = _consented_endpoint(opts.get("endpoint"), endpoint, marker)
             uploader = HuggingFaceUploader(pending.repo_id, token=token, **opts)
             result = uploader.upload_from_checkpoint_dir(pending.checkpoint_dir, base_model, pending.step,
                                                          metrics=metrics)
@@ -560,6 +569,21 @@ def resume_pending(
         except Exception as e:  # noqa: BLE001 - reported per marker
             out.append((step_dir, e))
     return out
+
+
+def _consented_endpoint(recorded: str | None, explicit: str | None, marker: Path) -> str:
+    """The endpoint ``resume`` may send the token to: the user's; a marker naming another one is refused."""
+    import os
+
+    from utils.hub.errors import PendingUploadError
+
+    mine = (explicit or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    if recorded and recorded.rstrip("/") != mine:
+        raise PendingUploadError(
+            f"{marker} names the Hub endpoint {recorded}, but this command would use {mine}; resume does not send "
+            f"your token to an endpoint named only by a file. If {recorded} is yours, run again with --endpoint "
+            f"{recorded} (or HF_ENDPOINT={recorded}).")
+    return mine
 
 
 def check_staging_space(checkpoint_dir: str | Path, staging_dir: str | Path | None, *,

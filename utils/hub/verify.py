@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from utils.checkpoint.tempdirs import make_owned_temp_dir, remove_owned, sweep_stale
 from utils.hub.client import HubClient
 from utils.hub.errors import VerificationError
 
@@ -96,7 +96,8 @@ def verify_upload(
 
     t0 = time.perf_counter()
     client = HubClient(token=token, endpoint=endpoint)
-    work = Path(tempfile.mkdtemp(prefix="hf_verify_"))
+    sweep_stale(tempfile.gettempdir(), "hf_verify_")  # left by a killed verify: provably ours and stale
+    work = make_owned_temp_dir(tempfile.gettempdir(), "hf_verify_")
     try:
         ns = namespace.strip("/")
         prefix = f"{ns}/" if ns else ""
@@ -126,7 +127,7 @@ def verify_upload(
             report.loaded = _loads(model_dir, report)
         report.seconds = time.perf_counter() - t0
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_owned(work)
     if raise_on_problem and not report.ok:
         raise VerificationError(f"{repo_id}@{revision} failed verification: " + "; ".join(report.problems[:5]))
     return report
