@@ -168,10 +168,12 @@ class HubUploadCallback(CheckpointCallback):
             return []
         timeout = self.final_wait_timeout if timeout is None else timeout
         started, deadline = time.monotonic(), time.monotonic() + timeout
+        abandoned: list[UploadJob] = []
         while not self._bg.wait(min(PROGRESS_EVERY_S, max(0.0, deadline - time.monotonic()))):
             running = [j for j in self._bg.jobs if j.state in ("running", "queued")]
             if time.monotonic() >= deadline:
                 self._give_up(running, timeout)
+                abandoned = running
                 break
             _log(f"waiting for the Hub upload of step(s) {', '.join(str(j.step) for j in running)} "
                  f"({time.monotonic() - started:.0f}s so far, at most {timeout:.0f}s: hf_upload.final_wait_timeout)")
@@ -180,7 +182,7 @@ class HubUploadCallback(CheckpointCallback):
             ray.kill(self._actor)
             self._actor = None
         self._rotate()
-        failed = [j for j in jobs if j.state == "failed"]
+        failed = [j for j in jobs if j.state == "failed" or j in abandoned]
         if failed and self.fail_on_error:
             raise UploadFailedError(f"{len(failed)} Hub upload(s) failed (hf_upload.fail_on_error=true); see the "
                                     "[hf_upload] ERROR lines above for the command that finishes them")

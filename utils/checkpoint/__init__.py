@@ -19,6 +19,9 @@ Mental model: one checkpoint flows left to right, one tensor at a time, and noth
     writer        shard plan, streamed safetensors, ``pytorch_model.bin``, index (written last), header checks
     optimizer     name-keyed ``optimizer.pt`` in torch's full optimizer state dict layout
     reshard       a consolidated model + optimizer -> veRL's FSDP2 rank files for any world size
+    safe_state    veRL's pickled trainer state (extra_state, data.pt): weights_only + allow-list, re-serialized
+    tempdirs      temporary folders with an owner record: removed on every exit, swept when stale; SIGTERM
+    space         free-space check before writing; disk-full / vanished-checkpoint errors in plain words
     errors        every specific exception (``CheckpointError`` and subclasses)
 
 The verbs below are imported on first use, so ``import utils.checkpoint.errors`` stays free of torch.
