@@ -102,6 +102,7 @@ class HubUploadCallback(CheckpointCallback):
         self._node_id: str | None = None
         self._actor: Any = None  # the _UploadActor, started by the first upload
         self._finished = False
+        self._abandoned: list[UploadJob] = []  # uploads stopped when hf_upload.final_wait_timeout ran out
         if self.strategy != "end":
             self._take_over_rotation(config)
 
@@ -193,6 +194,7 @@ class HubUploadCallback(CheckpointCallback):
         from utils.hf_uploader import HuggingFaceUploader
         from utils.hub.pending import PendingUpload, write_pending
 
+        self._abandoned.extend(unfinished)
         options = HuggingFaceUploader(**self.settings).options()
         for job in unfinished:
             reason = (f"the run stopped waiting for this upload after {timeout:.0f}s (hf_upload.final_wait_timeout)")
@@ -233,6 +235,8 @@ class HubUploadCallback(CheckpointCallback):
         return out
 
     def _report(self, job: UploadJob) -> None:
+        if job in self._abandoned:  # stopped by the final wait's limit: _give_up already said so, marker left
+            return
         if job.state == "done":
             _log(f"step {job.step}: uploaded {job.result['summary']}")
             return
