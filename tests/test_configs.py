@@ -29,6 +29,7 @@ HF_UPLOAD_DISABLED = {
     "resume": "auto",
     "request_timeout": 120,
     "final_wait_timeout": 10800,
+    "lora": "adapter",
 }
 
 
@@ -111,3 +112,29 @@ def test_knights_knaves_curriculum_is_enabled_on_its_dataset():
     cfg = compose_config("knights_knaves_curriculum")
     assert cfg.curriculum.enabled is True
     assert set(cfg.curriculum.curricula) == {"knights_knaves"} == set(cfg.reasoning_gym.datasets)
+
+
+# LoRA variants: config groups composed onto a shipped config (`+lora=cpu`, `+lora=gpu`), checked like the others and
+# by veRL's own validation (what train_grpo.py runs before Ray).
+LORA_VARIANTS = [("cpu_demo", "cpu", 8, 16), ("algorithmic_qwen_3b", "gpu", 32, 64)]
+
+
+@pytest.mark.parametrize("name, group, rank, alpha", LORA_VARIANTS)
+def test_lora_variant_composes_and_passes_verls_validation(name, group, rank, alpha):
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    cfg = compose_config(name, [f"+lora={group}"])
+    check_run_config(cfg)
+    model = cfg.actor_rollout_ref.model
+    assert (model.lora_rank, model.lora_alpha, model.target_modules) == (rank, alpha, "all-linear")
+    assert model.lora.merge is True  # the rollout (hf or vLLM) receives merged weights, not adapters
+    assert cfg.hf_upload.lora == "adapter"
+    validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
+    OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_cpu_lora_variant_keeps_the_cpu_setup_and_its_own_checkpoint_dir():
+    cfg = compose_config("cpu_demo", ["+lora=cpu"])
+    assert cfg.actor_rollout_ref.rollout.name == "hf" and cfg.trainer.n_gpus_per_node == 2
+    assert str(cfg.trainer.default_local_dir) == "outputs/cpu_demo_lora/checkpoints"

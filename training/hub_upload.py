@@ -40,7 +40,7 @@ FORCED_SAVE_FREQ = 10**12
 # steer the hook, `resume` belongs to the resume-from-Hub feature.
 _KNOWN_KEYS = {"enabled", "repo_id", "organization", "private", "optimizer_save_mode", "strategy", "weights_format",
                "dtype", "endpoint", "token", "fail_on_error", "max_shard_size", "namespace", "resume",
-               "bootstrap_from",  # optional, given as +hf_upload.bootstrap_from=PATH (training/hub_resume.py)
+               "bootstrap_from", "lora",  # bootstrap_from: optional, given as +hf_upload.bootstrap_from=PATH
                "request_timeout", "final_wait_timeout"}  # seconds: one stalled Hub request / the end-of-run wait
 
 
@@ -77,6 +77,9 @@ def uploader_settings(cfg: Any) -> dict[str, Any]:
     if base_model and not base_model.startswith("tiny://") and not base_model.startswith("/"):
         card_info["base_model"] = base_model  # a Hub id; local paths mean nothing to readers of the card
     return {
+        "lora": str(hf.get("lora", None) or "adapter"),  # LoRA runs only: adapter | merged | both
+        # adapter_config.json's base_model_name_or_path: the Hub id, or the local folder the run loaded
+        "lora_base_model": base_model if base_model and not base_model.startswith("tiny://") else None,
         "repo_id": hf.get("repo_id", None),
         "organization": hf.get("organization", None) or None,
         "private": bool(hf.get("private", False)),

@@ -65,6 +65,7 @@ STAGING_PREFIX = "hf_upload_step"  # <TMPDIR or staging_dir>/hf_upload_step<N>_<
 VALID_OPTIMIZER_SAVE_MODES = (None, "full")
 VALID_STRATEGIES = ("end", "every_save", "checkpoint")
 VALID_WEIGHT_FORMATS = ("bin", "safetensors")
+VALID_LORA_MODES = ("adapter", "merged", "both")  # utils.checkpoint.lora.LORA_MODES (not imported: torch-heavy)
 
 
 def resolve_repo_id(repo_id: str | None, organization: str | None = None) -> str:
@@ -194,6 +195,11 @@ class HuggingFaceUploader:
         progress: Show the consolidation progress bar.
         request_timeout: Seconds one Hub request may stall (connect 10 s; read/write this, default 120 or
             ``HF_HUB_UPLOAD_TIMEOUT``) before it fails and is retried - a Hub that never answers cannot hang a run.
+        lora: For LoRA checkpoints: ``adapter`` (default: the small PEFT folder), ``merged`` (a plain model with the
+            adapters folded in) or ``both`` (merged at the root, the adapter in ``adapter/``). Full fine-tuning
+            checkpoints ignore it.
+        lora_base_model: ``base_model_name_or_path`` of the adapter (default: ``card_info["base_model"]``, else the
+            ``model_name`` of the upload call).
 
     Example:
         >>> up = HuggingFaceUploader("qwen-grpo", organization="acme", private=True)  # doctest: +SKIP
@@ -223,6 +229,8 @@ class HuggingFaceUploader:
         write_pending_marker: bool = True,
         progress: bool = True,
         request_timeout: float | None = None,
+        lora: str = "adapter",
+        lora_base_model: str | None = None,
     ):
         self.repo_id = resolve_repo_id(repo_id, organization)
         self.organization = organization
@@ -230,6 +238,11 @@ class HuggingFaceUploader:
         self.optimizer_save_mode = validate_optimizer_save_mode(optimizer_save_mode)
         self.weights_format = _check_choice("weights_format", weights_format, VALID_WEIGHT_FORMATS)
         self.strategy = _check_choice("strategy", strategy, VALID_STRATEGIES)
+        self.lora = _check_choice("lora", lora, VALID_LORA_MODES)
+        if strategy == "checkpoint" and lora == "merged":
+            # A resume snapshot of a LoRA run needs the adapter itself: merged weights cannot be split back into A, B.
+            self.lora = "both"
+        self.lora_base_model = lora_base_model
         # A resume snapshot must hold veRL's fp32 master weights, not a rounded copy: `auto` means fp32 there.
         self.dtype = "fp32" if strategy == "checkpoint" and dtype == "auto" else dtype
         self.max_shard_size = max_shard_size
@@ -259,8 +272,8 @@ class HuggingFaceUploader:
         return {"private": self.private, "optimizer_save_mode": self.optimizer_save_mode,
                 "weights_format": self.weights_format, "dtype": self.dtype, "max_shard_size": self.max_shard_size,
                 "strategy": self.strategy, "model_card": self.model_card, "card_info": self.card_info,
-                "namespace": self.namespace, "endpoint": self.client.endpoint,
-                "request_timeout": self.request_timeout}
+                "namespace": self.namespace, "endpoint": self.client.endpoint, "lora": self.lora,
+                "lora_base_model": self.lora_base_model, "request_timeout": self.request_timeout}
 
     # ------------------------------------------------------------------ preflight
     def preflight(self, *, create: bool = True) -> PreflightReport:
@@ -407,7 +420,7 @@ class HuggingFaceUploader:
                 dtype=getattr(consolidation, "dtype", None) or (None if self.dtype == "auto" else self.dtype),
                 world_size=getattr(consolidation, "world_size", None), weights_format=self.weights_format,
                 metrics=metrics, datasets=self.card_info.get("datasets"), optimizer=self.include_optimizer,
-                extra=self.card_info.get("extra") or {}))
+                extra=self.card_info.get("extra") or {}, lora=getattr(consolidation, "lora", None)))
 
         return render
 
@@ -417,7 +430,9 @@ class HuggingFaceUploader:
 
         return consolidate_checkpoint(checkpoint_dir, out_dir, weights_format=self.weights_format, dtype=self.dtype,
                                       max_shard_size=self.max_shard_size, include_optimizer=self.include_optimizer,
-                                      base_model=model_name, progress=self.progress)
+                                      base_model=model_name, progress=self.progress, lora=self.lora,
+                                      lora_base_model=self.lora_base_model or self.card_info.get("base_model")
+                                      or (str(model_name) if model_name else None))
 
     @staticmethod
     def _infer_step(checkpoint_dir: Path, step: int | None) -> int:
