@@ -111,7 +111,7 @@ def test_upload_killed_mid_way_leaves_nothing_a_rerun_does_not_clean(hub, ckpt, 
     staging = tmp_path / "staging"
     staging.mkdir()
     repo = f"alice/killed-upload-{sig.name.lower()}"
-    argv = ["upload", str(step_dir), "--repo-id", repo, "--private", "--staging-dir", str(staging), "-q"]
+    argv = ["-q", "upload", str(step_dir), "--repo-id", repo, "--private", "--staging-dir", str(staging)]
     env = {"HF_TOKEN": hub.token_for("alice")}
     proc = _start_paused(tmp_path, "utils.hub.uploader.plan_push", "before", "upload", argv, env)
     assert any(p.name.startswith("hf_upload_step2_") for p in staging.iterdir())  # consolidated, about to push
