@@ -13,9 +13,11 @@ from pathlib import Path
 
 import torch
 
+from utils.checkpoint.dtype_names import normalize_dtype  # noqa: E402 - re-exported, torch-free
 from utils.checkpoint.errors import InvalidModelConfigError, MissingModelConfigError
 
-__all__ = ["ExpectedModel", "find_config_dir", "load_expected_model", "resolve_dtype", "DTYPES", "copy_side_files"]
+__all__ = ["ExpectedModel", "find_config_dir", "load_expected_model", "normalize_dtype", "resolve_dtype", "DTYPES",
+           "copy_side_files"]
 
 logger = logging.getLogger(__name__)
 

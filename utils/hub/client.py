@@ -42,6 +42,8 @@ from utils.hub.errors import (
     MissingTokenError,
     NamespaceAccessError,
     ReadOnlyTokenError,
+    RepoNotFoundOnHubError,
+    RevisionNotFoundOnHubError,
     redact,
 )
 
@@ -276,6 +278,48 @@ class HubClient:
         return PreflightReport(user=user, repo_id=repo_id, private=is_private, url=url, created=created)
 
     # ------------------------------------------------------------------ reads
+    def check_readable(self, repo_id: str, revision: str | None = None) -> str:
+        """The commit of ``repo_id@revision``, or an error saying which of these it is, and what to do.
+
+        A bare ``401``/``404`` from the Hub means one of: no token (a private repo looks absent), a rejected token, a
+        repo that does not exist, a revision that does not exist. ``verify`` and ``pull`` call this first.
+
+        Raises:
+            MissingTokenError: not found and no token was sent (it may be private).
+            InvalidTokenError: the token was rejected.
+            RepoNotFoundOnHubError: not found with a valid token.
+            RevisionNotFoundOnHubError: the repo exists, the revision does not (names the tags and branches).
+            HubUnreachableError: the endpoint does not answer.
+        """
+        check_repo_id(repo_id)
+        try:
+            return str(self._read(lambda: self.api.repo_info(repo_id, revision=revision)).sha)
+        except RevisionNotFoundError:
+            branches, tags = self.refs(repo_id)
+            raise RevisionNotFoundOnHubError(
+                f"{repo_id} at {self.endpoint} has no revision '{revision}'. Tags: {', '.join(sorted(tags)) or 'none'}; "
+                f"branches: {', '.join(sorted(branches)) or 'none'}. Pass one of those (uploads tag step-N)."
+            ) from None
+        except (RepositoryNotFoundError, HfHubHTTPError) as e:
+            status = _status(e)
+            if not isinstance(e, RepositoryNotFoundError) and status not in (401, 403, 404):
+                raise HubUnreachableError(self.redact(f"repo_info('{repo_id}') failed at {self.endpoint}: "
+                                                      f"{_short(e)}")) from None
+            if not self._token:
+                raise MissingTokenError(
+                    f"{repo_id} was not found at {self.endpoint} without a token ({status}): it does not exist, or it "
+                    "is private. Set HF_TOKEN (or run `hf auth login`) and retry; if it still fails, check the repo id."
+                ) from None
+            user = self.whoami().get("name", "?")  # raises InvalidTokenError for a rejected token
+            raise RepoNotFoundOnHubError(
+                f"{repo_id} does not exist at {self.endpoint}, or user '{user}' may not read it ({status}). Check the "
+                "repo id (namespace/name) and the endpoint (HF_ENDPOINT)."
+            ) from None
+        except (httpx.TransportError, OSError) as e:
+            raise HubUnreachableError(
+                f"Cannot reach the Hub at {self.endpoint} ({type(e).__name__}). Check the network and HF_ENDPOINT."
+            ) from None
+
     def refs(self, repo_id: str) -> tuple[dict[str, str], dict[str, str]]:
         """``(branches, tags)``, each a map from name to commit id."""
         refs = self._read(lambda: self.api.list_repo_refs(repo_id))
