@@ -29,6 +29,8 @@ __all__ = [
     "UnsafePickleError",
     "OutputSpaceError",
     "CheckpointVanishedError",
+    "RankSourceError",
+    "RankFileUnavailableError",
 ]
 
 
@@ -121,3 +123,9 @@ class OutputSpaceError(CheckpointError, OSError):
 
 class CheckpointVanishedError(CheckpointError, FileNotFoundError):
     """The checkpoint's files disappeared while they were being read (deleted or moved, e.g. by rotation)."""
+class RankSourceError(CheckpointError, ConnectionError):
+    """A holder of rank files (another node's disk, reached through :mod:`utils.checkpoint.sources`) cannot be read."""
+
+
+class RankFileUnavailableError(CheckpointError, FileNotFoundError):
+    """A rank file the consolidation needs is on no reachable node; the message names the rank and the node."""

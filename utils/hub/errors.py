@@ -101,6 +101,14 @@ class VerificationError(HubUploadError, ValueError):
     """Files on the Hub differ from the local consolidation, or the uploaded model does not load."""
 
 
+class RepoNotFoundOnHubError(HubUploadError, LookupError):
+    """The repo does not exist at the endpoint (or the token's user cannot see it)."""
+
+
+class RevisionNotFoundOnHubError(HubUploadError, LookupError):
+    """The repo exists, but has no such branch, tag or commit."""
+
+
 def redact(text: str, token: str | None) -> str:
     """Replace every occurrence of ``token`` (and of any ``hf_...`` token-looking word) in ``text`` with ``***``.
 

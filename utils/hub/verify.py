@@ -103,7 +103,7 @@ def verify_upload(
         prefix = f"{ns}/" if ns else ""
         if ns and (revision.isdigit() or (revision.startswith("step-") and revision[5:].isdigit())):
             revision = tag_for_step(int(revision.removeprefix("step-")), ns)  # step-2 -> exp-step-2
-        commit = client.api.repo_info(repo_id, revision=revision).sha
+        commit = client.check_readable(repo_id, revision)  # says which: no token, bad token, no repo, no revision
         remote = client.tree(repo_id, commit, prefix=ns)
         if ns:  # only this experiment's own files (not a nested namespace's)
             remote = {p: e for p, e in remote.items() if p.startswith(prefix)}
