@@ -58,10 +58,11 @@ def test_preflight_against_a_hub_that_never_answers_fails_with_one_line(hub):
     assert err.__cause__ is not None  # the cause is kept for the log, not hidden
 
 
-def test_upload_to_a_hub_that_hangs_leaves_the_marker(hub, tmp_path):
+def test_upload_to_a_hub_that_hangs_leaves_the_marker(hub, tmp_path, fsdp_checkpoints):
+    import shutil
+
     step_dir = tmp_path / "run" / "global_step_4"
-    step_dir.mkdir(parents=True)
-    (step_dir / "actor").mkdir()
+    shutil.copytree(fsdp_checkpoints["w2_untied"].step_dir, step_dir)  # a real checkpoint: local checks pass first
     hub.go_down("hang")
     box = _returns(lambda: _uploader(hub, "alice/hang-upload").upload_from_checkpoint_dir(step_dir))
     err = box.get("error")
