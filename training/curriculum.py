@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from training.errors import ConfigError
+from training.errors import ConfigError, CurriculumError
 
 __all__ = [
     "CURRICULUM_DEFAULTS",
@@ -222,7 +222,7 @@ class CurriculumController:
             ValueError: `scores` and `data_sources` differ in length.
         """
         if len(scores) != len(data_sources):
-            raise ValueError(f"record(): {len(scores)} scores but {len(data_sources)} data_sources")
+            raise CurriculumError(f"record(): {len(scores)} scores but {len(data_sources)} data_sources")
         for score, source in zip(scores, data_sources, strict=True):
             if source in self._windows:
                 self._windows[source].append(float(score))

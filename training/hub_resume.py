@@ -43,7 +43,7 @@ from typing import Any
 
 from omegaconf import DictConfig, open_dict
 
-from training.errors import ConfigError
+from training.errors import IncompatibleResumeError, ResumeError
 
 __all__ = ["resume_from_hub", "write_lineage", "compat_fingerprint", "ResumeError", "IncompatibleResumeError",
            "ResumeOutcome", "RESUME_MODES"]
@@ -56,14 +56,6 @@ _MODEL_KEYS = ("architectures", "model_type", "hidden_size", "num_hidden_layers"
                "num_key_value_heads", "intermediate_size", "vocab_size", "tie_word_embeddings")
 _OPTIM_KEYS = ("optimizer", "optimizer_impl")
 _WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
-
-
-class ResumeError(ConfigError):
-    """``resume: required`` cannot be met, or the Hub state cannot be used."""
-
-
-class IncompatibleResumeError(ResumeError):
-    """The Hub snapshot was trained with another model architecture or optimizer."""
 
 
 @dataclass

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from verl.trainer.main_ppo import TaskRunnerV1
 from verl.trainer.ppo.v1 import PPOTrainerSync, register_trainer
 
-from training.errors import ConfigError
+from training.errors import ConfigError, MissingRewardKeyError
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class ReasoningGymTrainer(PPOTrainerSync):
         for extra in _as_list(data["extra_fields"]):
             info = (extra or {}).get("reward_extra_info", {}) or {}
             if "accuracy" not in info:
-                raise KeyError(
+                raise MissingRewardKeyError(
                     "curriculum.enabled needs the reward function to return an 'accuracy' key per completion "
                     f"(training.rewards.compute_score does); got keys {sorted(info)}"
                 )

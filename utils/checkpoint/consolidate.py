@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from utils.checkpoint.errors import (
+    InvalidOptionError,
     MissingKeyError,
     MissingRankFileError,
     OutputExistsError,
@@ -276,9 +277,9 @@ def consolidate_checkpoint(
     """
     t0 = time.perf_counter()
     if weights_format not in WEIGHT_FORMATS:
-        raise ValueError(f"weights_format={weights_format!r}: expected one of {sorted(WEIGHT_FORMATS)}")
+        raise InvalidOptionError(f"weights_format={weights_format!r}: expected one of {sorted(WEIGHT_FORMATS)}")
     if dtype != "auto" and dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}: expected auto or one of {sorted(DTYPES)}")
+        raise InvalidOptionError(f"dtype={dtype!r}: expected auto or one of {sorted(DTYPES)}")
     parse_size(max_shard_size)
     out_dir = Path(out_dir).absolute()
     _check_out_dir(out_dir, overwrite)

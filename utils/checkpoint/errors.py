@@ -26,6 +26,8 @@ __all__ = [
     "MissingModelConfigError",
     "InvalidModelConfigError",
     "TiedWeightMismatchError",
+    "InvalidOptionError",
+    "ReshardError",
 ]
 
 
@@ -102,3 +104,11 @@ class InvalidModelConfigError(CheckpointError, ValueError):
 
 class TiedWeightMismatchError(CheckpointError, ValueError):
     """The config ties two weights (``tie_word_embeddings``) but the checkpoint holds them with different values."""
+
+
+class InvalidOptionError(CheckpointError, ValueError):
+    """An argument of the engine is not one it supports (weights format, dtype, shard size, output buffer)."""
+
+
+class ReshardError(CheckpointError, ValueError):
+    """The snapshot cannot be turned into veRL shards (missing files, a run directory that already has the step)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from utils.checkpoint.errors import InvalidModelConfigError, MissingModelConfigError
+from utils.checkpoint.errors import InvalidModelConfigError, InvalidOptionError, MissingModelConfigError
 
 __all__ = ["ExpectedModel", "find_config_dir", "load_expected_model", "resolve_dtype", "DTYPES", "copy_side_files"]
 
@@ -113,7 +113,7 @@ def resolve_dtype(requested: str, config_dtype: torch.dtype | None, stored_dtype
     if requested == "auto":
         return config_dtype or stored_dtype
     if requested not in DTYPES:
-        raise ValueError(f"dtype={requested!r}: expected one of auto, {', '.join(DTYPES)}")
+        raise InvalidOptionError(f"dtype={requested!r}: expected one of auto, {', '.join(DTYPES)}")
     return DTYPES[requested]
 
 

@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from utils.checkpoint.errors import CheckpointError, OptimizerMismatchError
+from utils.checkpoint.errors import OptimizerMismatchError, ReshardError
 from utils.checkpoint.model_config import ExpectedModel, load_expected_model
 from utils.hub.resume_state import CURRICULUM_FILE, LINEAGE_FILE, RESUME_DIR
 
@@ -42,10 +42,6 @@ logger = logging.getLogger(__name__)
 
 # Files of a consolidated folder that are not side files of veRL's actor/huggingface/ folder.
 _NOT_SIDE_FILES = ("pytorch_model", "model.safetensors", "model-", "optimizer.pt", "README.md", "trainer_state.json")
-
-
-class ReshardError(CheckpointError):
-    """The snapshot cannot be turned into veRL shards (missing files, a run directory that already has the step)."""
 
 
 class ConsolidatedWeights:

@@ -76,7 +76,7 @@ def write_pending(step_dir: Path, pending: PendingUpload) -> Path:
     """
     leaked = _SECRET_KEYS & {k.lower() for k in pending.options}
     if leaked:
-        raise ValueError(f"refusing to write secret option(s) {sorted(leaked)} into {PENDING_MARKER}")
+        raise PendingUploadError(f"refusing to write secret option(s) {sorted(leaked)} into {PENDING_MARKER}")
     step_dir = Path(step_dir)
     path = step_dir / PENDING_MARKER
     previous = read_pending(step_dir) if path.exists() else None

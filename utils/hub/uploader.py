@@ -383,8 +383,8 @@ class HuggingFaceUploader:
                 options={**self.options(), "metrics": dict(metrics or {}), "base_model": base_model},
                 error=reason)))
         hint = f"; finish it later with: python utils/hf_uploader.py resume {pending_dir}" if marker else ""
-        return UploadFailedError(f"Upload of step {step} to {self.repo_id} failed: {reason}{hint}",
-                                 pending_marker=marker)
+        what = f"Upload of step {step} to {self.repo_id} failed: {reason}"
+        return UploadFailedError(f"{what}{hint}", pending_marker=marker, reason=what)
 
     def _card_fn(self, step, metrics, consolidation, base_model):
         def render() -> str:
