@@ -18,9 +18,11 @@ import hydra
 from omegaconf import DictConfig
 
 from training.config_checks import check_run_config
+from training.config_schema import apply_schema
 from training.errors import ConfigError
 from training.hub_resume import ResumeError, resume_from_hub
 from training.hub_upload import setup_hub_upload
+from training.hydra_token import with_redaction_callback
 from utils.checkpoint.errors import CheckpointError
 from utils.hub.errors import HubUploadError
 
@@ -28,6 +30,7 @@ from utils.hub.errors import HubUploadError
 @hydra.main(config_path="training/configs", config_name="cpu_demo", version_base=None)
 def main(cfg: DictConfig) -> None:
     try:
+        apply_schema(cfg)  # typed sections for a config that does not list grpo_sections (shipped ones do)
         check_run_config(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -60,4 +63,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = with_redaction_callback(sys.argv)  # a Hub token never reaches .hydra/*.yaml, whatever the config
     main()

@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from training.config_schema import section_defaults
 from training.errors import ConfigError, CurriculumError
 
 __all__ = [
@@ -46,15 +47,8 @@ __all__ = [
     "make_curricula",
 ]
 
-CURRICULUM_DEFAULTS: dict[str, Any] = {
-    "enabled": False,
-    "schedule": {"automatic": False, "update_steps": 30},
-    "last_k": 20,
-    "success_threshold": 0.70,
-    "failure_threshold": 0.10,
-    "mode": "inclusive",
-    "curricula": {},
-}
+# Written once, in training/config_schema.py (CurriculumConfig).
+CURRICULUM_DEFAULTS: dict[str, Any] = section_defaults("curriculum")
 _MODES = ("inclusive", "upper_bound", "last_k")
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from verl.utils.dataset.rl_dataset import RLHFDataset
 
+from training.config_schema import section_defaults
 from training.errors import ConfigError
 
 __all__ = [
@@ -48,15 +49,8 @@ __all__ = [
 
 DATA_FILE_SCHEME = "reasoning_gym://"
 SPLITS = ("train", "val")
-# Defaults of the `reasoning_gym` section (the original trainer's values).
-DEFAULTS: dict[str, Any] = {
-    "dataset_size": 20000,
-    "val_size": None,  # None: same as dataset_size
-    "seed": 1,
-    "val_seed": None,  # None: seed + dataset_size, so no val item repeats a train item (see split_seeds)
-    "developer_prompt": "DeepSeekZero",
-    "developer_role": "system",
-}
+# Defaults of the `reasoning_gym` section, written once in training/config_schema.py (ReasoningGymConfig).
+DEFAULTS: dict[str, Any] = {k: v for k, v in section_defaults("reasoning_gym").items() if k != "datasets"}
 
 
 def to_plain(cfg: Any) -> Any:

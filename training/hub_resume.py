@@ -148,15 +148,17 @@ def resume_from_hub(cfg: DictConfig) -> ResumeOutcome:
         IncompatibleResumeError: the snapshot's model or optimizer differs from this run's, naming the fields.
         Preflight errors of the uploader (token, namespace access).
     """
-    hf = cfg.get("hf_upload", None)
-    if hf is None or not hf.get("enabled", False):
+    from training.hub_upload import hf_upload_section
+
+    hf = hf_upload_section(cfg)  # typed: defaults filled in (training/config_schema.py)
+    if not hf.enabled:
         return ResumeOutcome("none")
-    mode = str(hf.get("resume", None) or "auto")
+    mode = hf.resume
     if mode not in RESUME_MODES:
         raise ResumeError(f"hf_upload.resume={mode!r}: expected one of {', '.join(RESUME_MODES)}")
     if mode == "never":
         return ResumeOutcome("none")
-    strategy = str(hf.get("strategy", None) or "end")
+    strategy = hf.strategy
     if strategy != "checkpoint":
         # Only strategy=checkpoint uploads resume snapshots. Resuming (or bootstrapping step-0) for end/every_save
         # runs would restart a rerun from the last uploaded weights at step 1 and collide with its existing tags.
@@ -170,7 +172,7 @@ def resume_from_hub(cfg: DictConfig) -> ResumeOutcome:
     from training.hub_upload import uploader_from_config
     from utils.hub.snapshots import find_resume_snapshot
 
-    namespace = str(hf.get("namespace", None) or "").strip("/")
+    namespace = (hf.namespace or "").strip("/")
     # The run's own uploader settings (repo, visibility, endpoint, namespace, card), but a plain weights upload:
     # the step-0 bootstrap has no optimizer or trainer state yet.
     uploader = uploader_from_config(cfg, progress=False, strategy="end", optimizer_save_mode=None)
