@@ -280,7 +280,7 @@ def test_background_uploads_from_the_uploader_never_drop_the_final_one(hub, run_
 
 
 def test_two_namespaces_in_one_repo_stay_independent(hub, run_copy, reference):
-    """Issue 5's layout: each experiment in its own subfolder with its own `<namespace>-step-N` tags."""
+    """Namespaces: each experiment in its own subfolder with its own `<namespace>-step-N` tags."""
     from huggingface_hub import HfApi, hf_hub_download
 
     for ns in ("exp-a", "exp-b"):

@@ -99,7 +99,7 @@ def test_two_grpo_steps_write_verls_fsdp2_checkpoint(runs):
         "actor",
         "curriculum_state.json",
         "data.pt",
-        "lineage.json",  # issue 5: tracking run id / config hash / veRL version for trainer_state.json
+        "lineage.json",  # tracking run id / config hash / veRL version for trainer_state.json
     ]
     actor = runs["ckpt"] / "global_step_2" / "actor"
     for kind in ("model", "optim", "extra_state"):

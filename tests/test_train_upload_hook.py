@@ -111,3 +111,33 @@ def test_the_actor_outcome_carries_the_reason_and_marker_without_parsing_the_mes
     assert info.value.pending_marker == "/run/global_step_3/m.json"
     ok = UploadOutcome(4, "uploaded", summary="alice/hook step-4")
     assert ok.raise_if_failed() is ok
+
+
+def test_the_actor_body_returns_typed_outcomes_for_success_and_a_dead_hub(fsdp_checkpoints, hub, tmp_path,
+                                                                          monkeypatch):
+    """What `_UploadActor.upload` runs, without Ray: a real upload, then one with the Hub down (marker, no token)."""
+    import shutil
+
+    from training.hub_upload_hook import upload_outcome
+
+    token = "hf_alice_local_token"
+    monkeypatch.setenv("HF_TOKEN", token)
+    ckpt = fsdp_checkpoints["w2_untied"]
+    run = tmp_path / "run"
+    shutil.copytree(ckpt.root, run)
+    step_dir = run / f"global_step_{ckpt.step}"
+    settings = {"repo_id": "alice/hook-outcome", "private": True, "progress": False, "retry_base_delay": 0.01,
+                "max_attempts": 1}
+    ok = upload_outcome(settings, step_dir, ckpt.step, {"critic/score/mean": 0.5})
+    assert (ok.status, ok.tag, ok.error_class) == ("uploaded", f"step-{ckpt.step}", "") and len(ok.commit) == 40
+    hub.go_down()
+    try:
+        failed = upload_outcome({**settings, "repo_id": "alice/hook-outcome-2"}, step_dir, ckpt.step, None)
+    finally:
+        hub.come_up()
+    assert failed.status == "failed" and failed.error_class == "UploadFailedError"
+    assert failed.message.startswith(f"Upload of step {ckpt.step} to alice/hook-outcome-2 failed: ")
+    assert "finish it later" not in failed.message and failed.pending_marker == str(step_dir / "upload_pending.json")
+    assert "Traceback" in failed.traceback and token not in failed.traceback + failed.message
+    with pytest.raises(UploadFailedError):
+        failed.raise_if_failed()

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from training.errors import ConfigError
@@ -41,6 +41,11 @@ __all__ = [
     "SECTIONS",
     "apply_schema",
     "section_defaults",
+    "typed_section",
+    "DEFAULTS",
+    "reasoning_gym_section",
+    "split_seeds",
+    "to_plain",
 ]
 
 SCHEMA_NAME = "grpo_sections"
@@ -179,3 +184,52 @@ def apply_schema(cfg: DictConfig) -> DictConfig:
                 continue  # composed with grpo_sections: Hydra already checked it
             cfg[name] = typed_section(name, node, extra=("bootstrap_from",) if name == "hf_upload" else ())
     return cfg
+
+
+# Defaults of the `reasoning_gym` section without its datasets (what training.data fills in).
+DEFAULTS: dict[str, Any] = {k: v for k, v in section_defaults("reasoning_gym").items() if k != "datasets"}
+
+
+def to_plain(cfg: Any) -> Any:
+    """Return `cfg` as plain dicts/lists (resolving an OmegaConf node), so the rest of the code sees one type."""
+    if isinstance(cfg, DictConfig | ListConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def reasoning_gym_section(rg_cfg: Any) -> dict[str, Any]:
+    """The ``reasoning_gym`` section as a plain dict with the defaults filled in (not its datasets')."""
+    rg = to_plain(rg_cfg)
+    if not isinstance(rg, Mapping):
+        raise ConfigError(f"reasoning_gym: expected a mapping with a `datasets` key, got {type(rg).__name__}")
+    return {**DEFAULTS, **rg}
+
+
+def split_seeds(rg_cfg: Any) -> tuple[int, int]:
+    """Return the (train, val) composite seeds, refusing a val seed whose items would repeat train items.
+
+    reasoning-gym generates item `i` of a dataset with `Random(seed + i)`, and a composite gives its k-th dataset
+    the seed `composite_seed + k + 1`. So with val seed = train seed + d, val item i *is* train item i + d of the
+    same dataset whenever 0 <= i + d < dataset_size: the original trainer's seeds 1 and 2 made almost every val
+    question a train question. The default val seed is therefore `seed + dataset_size` (no overlap).
+
+    Raises:
+        ConfigError: An explicit `val_seed` that makes val items repeat train items.
+
+    Example:
+        >>> split_seeds({"seed": 1, "dataset_size": 100})
+        (1, 101)
+    """
+    rg = reasoning_gym_section(rg_cfg)
+    seed, n_train = int(rg["seed"]), int(rg["dataset_size"])
+    n_val = int(rg["val_size"] if rg["val_size"] is not None else n_train)
+    if rg["val_seed"] is None:
+        return seed, seed + n_train
+    val_seed = int(rg["val_seed"])
+    if -n_val < val_seed - seed < n_train:
+        raise ConfigError(
+            f"reasoning_gym.val_seed={val_seed} with seed={seed}: val items would repeat train items (reasoning-gym "
+            f"item i with seed s is item i+1 with seed s-1); use val_seed >= {seed + n_train} or <= {seed - n_val}, "
+            "or leave it unset"
+        )
+    return seed, val_seed

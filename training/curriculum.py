@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from training.config_schema import section_defaults
+from training.config_schema import section_defaults, to_plain
 from training.errors import ConfigError, CurriculumError
 
 __all__ = [
@@ -65,8 +65,6 @@ class LevelChange:
 
 def curriculum_section(curriculum_cfg: Any) -> dict[str, Any]:
     """Return the curriculum section as a plain dict with defaults filled in."""
-    from training.data import to_plain
-
     cfg = to_plain(curriculum_cfg) or {}
     if not isinstance(cfg, Mapping):
         raise ConfigError(f"curriculum: expected a mapping, got {type(cfg).__name__}")

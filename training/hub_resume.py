@@ -1,4 +1,4 @@
-"""``hf_upload.resume``: before Ray starts, make the local run directory continue from the Hub (issue 5).
+"""``hf_upload.resume``: before Ray starts, make the local run directory continue from the Hub.
 
     hf_upload:
       enabled: true

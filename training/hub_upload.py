@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -31,7 +30,7 @@ from utils.hf_uploader import HuggingFaceUploader
 from utils.hub.client import PreflightReport
 from utils.hub.errors import InvalidUploadConfigError
 
-__all__ = ["CALLBACK_CLASS", "FORCED_SAVE_FREQ", "headline_step_metrics", "setup_hub_upload", "uploader_from_config",
+__all__ = ["CALLBACK_CLASS", "FORCED_SAVE_FREQ", "setup_hub_upload", "uploader_from_config",
            "uploader_settings"]
 
 logger = logging.getLogger(__name__)
@@ -149,17 +148,3 @@ def setup_hub_upload(cfg: Any) -> PreflightReport | None:
                   flush=True)
             cfg.trainer.save_freq = FORCED_SAVE_FREQ
     return report
-
-
-def headline_step_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
-    """The reward/score/accuracy metrics of a step as plain floats (for commit messages, cards and markers)."""
-    out: dict[str, float] = {}
-    for key, value in (metrics or {}).items():
-        k = str(key).lower()
-        if not any(word in k for word in ("reward", "score", "acc")):
-            continue
-        try:
-            out[str(key)] = float(value)
-        except (TypeError, ValueError):
-            continue
-    return out

@@ -36,11 +36,12 @@ import ray
 from omegaconf import open_dict
 from verl.trainer.ppo.checkpoint_callback import CheckpointCallback
 
-from training.hub_upload import headline_step_metrics, uploader_settings
+from training.hub_upload import uploader_settings
 from utils.hub.background import BackgroundUploader, UploadJob
+from utils.hub.card import headline_metrics
 from utils.hub.errors import UploadFailedError, redact
 
-__all__ = ["HubUploadCallback", "UploadOutcome", "PROGRESS_EVERY_S"]
+__all__ = ["HubUploadCallback", "UploadOutcome", "upload_outcome", "PROGRESS_EVERY_S"]
 
 PROGRESS_EVERY_S = 15.0
 UPLOAD_NICENESS = 10
@@ -98,20 +99,29 @@ class _UploadActor:
 
     def upload(self, checkpoint_dir: str, step: int, metrics: dict[str, float] | None) -> UploadOutcome:
         """Consolidate and upload one checkpoint; every failure comes back as a ``failed`` outcome, not raised."""
-        from utils.hub.uploader import HuggingFaceUploader  # the token comes from HF_TOKEN, inherited from the driver
+        return upload_outcome(self.settings, checkpoint_dir, step, metrics)
 
-        try:
-            result = HuggingFaceUploader(**self.settings).upload_from_checkpoint_dir(checkpoint_dir, step=step,
-                                                                                      metrics=metrics)
-        except Exception as e:  # noqa: BLE001 - reported by the driver; e.g. the Hub is down, a corrupt checkpoint
-            failed = isinstance(e, UploadFailedError)
-            token = os.environ.get("HF_TOKEN")
-            return UploadOutcome(
-                step, "failed", error_class=type(e).__name__,
-                message=e.reason if failed else redact(f"{type(e).__name__}: {e}".splitlines()[0], token),
-                pending_marker=e.pending_marker if failed else None,
-                traceback=redact(traceback.format_exc(), token))
-        return UploadOutcome(step, "uploaded", summary=result.summary(), tag=result.tag, commit=result.commit_sha)
+
+def upload_outcome(settings: dict[str, Any], checkpoint_dir: str | Path, step: int,
+                   metrics: dict[str, float] | None) -> UploadOutcome:
+    """What the upload actor runs: one upload with ``settings``, its result or failure as an :class:`UploadOutcome`.
+
+    The token comes from ``HF_TOKEN`` (inherited from the driver); it is redacted from the message and traceback.
+    """
+    from utils.hub.uploader import HuggingFaceUploader
+
+    try:
+        result = HuggingFaceUploader(**settings).upload_from_checkpoint_dir(checkpoint_dir, step=step,
+                                                                             metrics=metrics)
+    except Exception as e:  # noqa: BLE001 - reported by the driver; e.g. the Hub is down, a corrupt checkpoint
+        failed = isinstance(e, UploadFailedError)
+        token = os.environ.get("HF_TOKEN")
+        return UploadOutcome(
+            step, "failed", error_class=type(e).__name__,
+            message=e.reason if failed else redact(f"{type(e).__name__}: {e}".splitlines()[0], token),
+            pending_marker=e.pending_marker if failed else None,
+            traceback=redact(traceback.format_exc(), token))
+    return UploadOutcome(step, "uploaded", summary=result.summary(), tag=result.tag, commit=result.commit_sha)
 
 
 class HubUploadCallback(CheckpointCallback):
@@ -173,7 +183,7 @@ class HubUploadCallback(CheckpointCallback):
     def on_step_metrics(self, global_step: int, metrics: dict[str, Any]) -> None:
         """Submit this step's checkpoint (if any) with its metrics; called by the trainer after veRL computes them."""
         if self._unsubmitted is not None and self._unsubmitted[1] == int(global_step):
-            self._submit(*self._unsubmitted, metrics=headline_step_metrics(metrics))
+            self._submit(*self._unsubmitted, metrics=headline_metrics(metrics, limit=None))
             self._unsubmitted = None
 
     # ------------------------------------------------------------------ end of run

@@ -166,7 +166,7 @@ class ReasoningGymTrainer(PPOTrainerSync):
 
     def _save_checkpoint(self) -> None:
         folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
-        # issue 5: lineage (tracking run id, config hash, veRL version) beside the shards, for trainer_state.json
+        # lineage (tracking run id, config hash, veRL version) beside the shards, for trainer_state.json
         from training.hub_resume import write_lineage
 
         write_lineage(self.config, folder)

@@ -31,8 +31,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python utils/hf_uploader.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.hub.cli import main  # noqa: E402
-from utils.hub.uploader import (  # noqa: E402
+from utils.hub.cli import main
+from utils.hub.uploader import (
     VALID_OPTIMIZER_SAVE_MODES,
     VALID_STRATEGIES,
     VALID_WEIGHT_FORMATS,

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from utils.checkpoint.layout import find_step_dirs
 from utils.hub.card import CardInfo, headline_metrics, render_model_card
 from utils.hub.client import HubClient, PreflightReport, check_repo_id
 from utils.hub.errors import (
@@ -35,7 +36,6 @@ from utils.hub.errors import (
 from utils.hub.pending import (
     PendingUpload,
     clear_pending,
-    list_step_dirs,
     step_from_path,
     step_lock,
     write_pending,
@@ -312,7 +312,7 @@ class HuggingFaceUploader:
             staging = Path(tempfile.mkdtemp(prefix=f"hf_upload_step{step}_", dir=self.staging_dir))
             try:
                 consolidation = self._consolidate(checkpoint_dir, staging / "model", step, model_name)
-                if self.strategy == "checkpoint":  # issue 5: what resume needs, hashed, beside the model
+                if self.strategy == "checkpoint":  # what resume needs, hashed, beside the model
                     stage_resume_files(step_dir, staging / "model", step=step, world_size=consolidation.world_size)
                 result = self._upload(staging / "model", step, metrics=metrics, commit_message=commit_message,
                                       consolidation=consolidation, base_model=model_name, started=started,
@@ -440,7 +440,7 @@ class HuggingFaceUploader:
             StepNotFoundError: a requested step has no directory (before anything is uploaded).
             Preflight errors (token, namespace) before anything is uploaded.
         """
-        found = dict(list_step_dirs(Path(run_dir)))
+        found = dict(find_step_dirs(run_dir))
         if steps is not None:
             missing = sorted(set(steps) - set(found))
             if missing:

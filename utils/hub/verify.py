@@ -4,13 +4,14 @@ the checkpoint, and load it with transformers.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from huggingface_hub.utils.sha import sha_fileobj
 
 from utils.hub.client import HubClient
 from utils.hub.errors import VerificationError
@@ -48,12 +49,9 @@ class VerifyReport:
 
 
 def sha256_of(path: Path, chunk: int = 8 << 20) -> str:
-    """Streamed sha256 of one file."""
-    h = hashlib.sha256()
+    """Streamed sha256 of one file (hex), as the Hub records it for LFS files."""
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return sha_fileobj(f, chunk).hex()
 
 
 def verify_upload(
