@@ -26,7 +26,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from training.errors import ConfigError
 
@@ -164,6 +164,10 @@ def typed_section(name: str, value: Any, *, extra: tuple[str, ...] = ()) -> Dict
     except OmegaConfBaseException as e:
         key = str(getattr(e, "full_key", "") or "")
         where = key if key.startswith(f"{name}.") else f"{name}.{key}" if key else name
+        node = OmegaConf.select(typed, key.rpartition(".")[0]) if "." in key else typed
+        if isinstance(e, ConfigKeyError) and isinstance(node, DictConfig):
+            valid = sorted([*node.keys(), *(extra if node is typed else ())])
+            raise ConfigError(f"{where} is not a known key; valid keys: {', '.join(valid)}.") from None
         raise ConfigError(f"{where}: {str(getattr(e, 'msg', e)).splitlines()[0]}") from None
     with open_dict(merged):
         for k, v in kept.items():
