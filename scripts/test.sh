@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
 # Installs everything the tests need on a fresh machine, then runs lint and the whole test suite on CPU.
-#   bash scripts/test.sh            # everything
-#   bash scripts/test.sh -k merge   # extra arguments go to pytest
+#   bash scripts/test.sh                 # everything (~15 min on 2 cores)
+#   bash scripts/test.sh -m "not slow"   # the fast tier: no Ray, no multi-process runs (~2 min on 2 cores)
+#   bash scripts/test.sh -k merge        # extra arguments go to pytest
+# The install is skipped when .venv was already installed from this exact pyproject.toml + install.sh (a stamp
+# file records their hash), so repeated runs go straight to the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh test
+stamp=".venv/.installed-test-$(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  bash scripts/install.sh test
+  rm -f .venv/.installed-test-*
+  touch "$stamp"
+fi
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest "$@"

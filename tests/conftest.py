@@ -90,3 +90,39 @@ def tiny_model_dir(tmp_path_factory) -> str:
     from training.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.mktemp("tiny-model-cache"))
+
+
+# ----- end to end: real Ray training runs, each started once per session (tests/shared_runs.py) -----
+
+@pytest.fixture(scope="session")
+def e2e_dir(tmp_path_factory):
+    """The folder the shared training runs write to (their logs are `NAME.log` there)."""
+    return tmp_path_factory.mktemp("e2e")
+
+
+@pytest.fixture(scope="session")
+def trained_run(hub_server, e2e_dir):
+    """W=2, 2 GRPO steps, curriculum, a save + `every_save` upload at each step (`shared_runs.train_every_save`).
+
+    `.extra["ckpt"]`: its `default_local_dir`; `.extra["listing"]`: that folder right after the run.
+    """
+    from tests.shared_runs import train_every_save
+
+    return train_every_save(e2e_dir, hub_server)
+
+
+@pytest.fixture(scope="session")
+def resumed_run(hub_server, e2e_dir, trained_run):
+    """`trained_run` continued to step 3 in place with the Hub down at the end, then `resume`
+    (`shared_runs.resume_with_hub_down`). Tests reading `trained_run`'s step 2 still find it unchanged."""
+    from tests.shared_runs import resume_with_hub_down
+
+    return resume_with_hub_down(e2e_dir, hub_server, trained_run.extra["ckpt"])
+
+
+@pytest.fixture(scope="session")
+def no_sync_run(e2e_dir):
+    """W=2, 2 steps without weight sync; veRL also saved its gathered `huggingface/` model at step 2."""
+    from tests.shared_runs import train_without_weight_sync
+
+    return train_without_weight_sync(e2e_dir)

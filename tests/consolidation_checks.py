@@ -30,10 +30,20 @@ CASES: dict[str, dict] = {
 LARGE_CASES: dict[str, dict] = {
     "medium_w2": dict(world_size=2, tied=False, preset="medium", steps=1),
 }
+# LoRA runs (PEFT around the model before FSDP2, as veRL's lora_rank > 0 does): rank 4, alpha 8.
+LORA_CASES: dict[str, dict] = {
+    "lora_w2": dict(world_size=2, tied=False, lora=(4, 8.0)),
+    "lora_w3_tied": dict(world_size=3, tied=True, lora=(4, 8.0)),
+    "lora_only_w2": dict(world_size=2, tied=False, lora=(4, 8.0), lora_only=True),
+}
 # Derived from a written case without re-running FSDP: the same real shards in an older layout.
 DERIVED = {
     "legacy_w2": "w2_untied",  # no fsdp_config.json (veRL before mid-2025)
     "plain_w1": "w1_tied",  # plain tensors at W=1 (old veRL, verl #903)
+}
+# Derived LoRA cases (kept out of DERIVED: the full-model parametrisations run over that).
+LORA_DERIVED = {
+    "lora_w2_nometa": "lora_w2",  # no lora_train_meta.json (veRL before it wrote one): alpha unknown
 }
 
 
@@ -46,17 +56,19 @@ class CheckpointCache:
 
     def __getitem__(self, name: str) -> WrittenCheckpoint:
         if name not in self._done:
-            self._done[name] = self._derive(name) if name in DERIVED else write_checkpoint(
-                self.root / name, **{**CASES, **LARGE_CASES}[name])
+            self._done[name] = self._derive(name) if name in {**DERIVED, **LORA_DERIVED} else write_checkpoint(
+                self.root / name, **{**CASES, **LARGE_CASES, **LORA_CASES}[name])
         return self._done[name]
 
     def _derive(self, name: str) -> WrittenCheckpoint:
-        src = self[DERIVED[name]]
+        src = self[{**DERIVED, **LORA_DERIVED}[name]]
         dst = self.root / name
         shutil.copytree(src.root, dst)
         ck = WrittenCheckpoint(root=dst, step=src.step, world_size=src.world_size, tied=src.tied)
         if name == "legacy_w2":
             (ck.actor_dir / "fsdp_config.json").unlink()
+        elif name == "lora_w2_nometa":
+            (ck.actor_dir / "lora_train_meta.json").unlink()
         elif name == "plain_w1":
             (ck.actor_dir / "fsdp_config.json").unlink()
             gt = load_ground_truth(ck)

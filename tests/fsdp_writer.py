@@ -2,6 +2,7 @@
 
     python -m tests.fsdp_writer OUT_ROOT --world-size 3 [--tied] [--hsdp 2x2] [--legacy] [--plain]
                                 [--preset tiny|medium] [--config-dtype float32|bfloat16] [--steps 2]
+                                [--lora R:ALPHA] [--lora-only] [--no-lora-meta]
 
 Each of W spawned processes joins a gloo group, builds the same randomly initialised ``Qwen2ForCausalLM``
 (dimensions chosen so that no sharded dim divides evenly by 2, 3 or 4 everywhere), shards it with FSDP2
@@ -17,6 +18,13 @@ steps on rank-dependent data, and then saves exactly what veRL 0.9.1's FSDP chec
 The ground truth, gathered in the writer processes with torch's own collectives (``get_model_state_dict`` and
 ``get_optimizer_state_dict`` with ``full_state_dict=True``), goes to ``OUT_ROOT/ground_truth.pt`` - outside the
 checkpoint, and computed without any code of the engine under test.
+
+``--lora R:ALPHA`` wraps the model with PEFT first, exactly as veRL 0.9.1's FSDP engine does for ``lora_rank > 0``
+(``get_peft_model(LoraConfig(task_type=CAUSAL_LM, r, lora_alpha, target_modules="all-linear", bias="none"))``, then
+FSDP2, AdamW over all parameters, frozen ones included), writes veRL's ``lora_train_meta.json`` (unless
+``--no-lora-meta``), and the ground truth also holds PEFT's own results on the gathered model: ``merged``
+(``merge_and_unload().state_dict()``) and ``adapter`` (``get_peft_model_state_dict``). ``--lora-only`` saves only the
+``lora_`` tensors (veRL's ``checkpoint.save_lora_only``).
 """
 
 from __future__ import annotations
@@ -77,6 +85,9 @@ def write_checkpoint(
     preset: str = "tiny",
     config_dtype: str = "float32",
     steps: int = 2,
+    lora: tuple[int, float] | None = None,
+    lora_only: bool = False,
+    lora_meta: bool = True,
 ) -> WrittenCheckpoint:
     """Run the writer in a fresh Python process (gloo state never leaks into the caller) and return its paths."""
     cmd = [sys.executable, "-m", "tests.fsdp_writer", str(out_root), "--world-size", str(world_size),
@@ -85,6 +96,9 @@ def write_checkpoint(
     cmd += ["--hsdp", f"{hsdp[0]}x{hsdp[1]}"] if hsdp else []
     cmd += ["--legacy"] if legacy else []
     cmd += ["--plain"] if plain else []
+    cmd += ["--lora", f"{lora[0]}:{lora[1]}"] if lora else []
+    cmd += ["--lora-only"] if lora_only else []
+    cmd += [] if lora_meta else ["--no-lora-meta"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -152,11 +166,14 @@ def _worker(rank: int, args: argparse.Namespace, init_file: str) -> None:
     torch.manual_seed(1234)  # same initial weights on every rank, as veRL does by loading one HF model
     config = _model_config(args.preset, args.tied, args.config_dtype)
     model = Qwen2ForCausalLM(config).float()
+    if args.lora:
+        model = _peft_wrap(model, args.lora)
     if args.hsdp:
         mesh = init_device_mesh("cpu", args.hsdp, mesh_dim_names=("ddp", "fsdp"))
     else:
         mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("fsdp",))
-    for layer in model.model.layers:
+    layers = model.base_model.model.model.layers if args.lora else model.model.layers
+    for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
 
@@ -178,6 +195,8 @@ def _worker(rank: int, args: argparse.Namespace, init_file: str) -> None:
     full_optim = get_optimizer_state_dict(model, optim, options=opts)
 
     model_sd, optim_sd = model.state_dict(), optim.state_dict()
+    if args.lora_only:  # veRL's save_lora_only filter
+        model_sd = {k: v for k, v in model_sd.items() if "lora_" in k}
     if args.plain:  # what old veRL wrote at W=1 (verl #903): plain tensors, no DTensor
         assert world == 1, "--plain is the W=1 legacy layout"
         model_sd = {k: v.full_tensor().clone() for k, v in model_sd.items()}
@@ -196,10 +215,42 @@ def _worker(rank: int, args: argparse.Namespace, init_file: str) -> None:
         _save_huggingface_dir(actor / "huggingface", config)
         torch.save({"dataloader": {}}, step_dir / "data.pt")
         (Path(args.out_root) / "latest_checkpointed_iteration.txt").write_text(str(args.steps))
-        torch.save({"model": full_model, "optim": full_optim, "config": config.to_dict()},
-                   Path(args.out_root) / "ground_truth.pt")
+        truth = {"model": full_model, "optim": full_optim, "config": config.to_dict()}
+        if args.lora:
+            r, alpha = args.lora
+            if not args.no_lora_meta:  # what FSDPCheckpointManager._save_lora_train_meta writes (alpha as int)
+                (actor / "lora_train_meta.json").write_text(json.dumps(
+                    {"r": r, "lora_alpha": int(alpha), "task_type": "CAUSAL_LM"}, indent=4))
+            truth["lora"] = _peft_truth(config, args.lora, full_model)
+        torch.save(truth, Path(args.out_root) / "ground_truth.pt")
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _peft_wrap(model, lora: tuple[int, float]):
+    """veRL 0.9.1's ``FSDPEngine._build_lora_module`` (no pre-trained adapter path)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    r, alpha = lora
+    return get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=r, lora_alpha=alpha,
+                                            target_modules="all-linear", bias="none"))
+
+
+def _peft_truth(config, lora: tuple[int, float], full_model: dict) -> dict:
+    """PEFT's own adapter state dict and merge of the gathered model (no engine code involved)."""
+    import torch
+    from peft.utils import get_peft_model_state_dict
+    from transformers import Qwen2ForCausalLM
+
+    peft_model = _peft_wrap(Qwen2ForCausalLM(config).float(), lora)
+    missing, unexpected = peft_model.load_state_dict(full_model, strict=False)
+    assert not unexpected and not [k for k in missing if "lm_head" not in k], (missing, unexpected)
+    adapter = {k: v.clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    base = {k: v.clone() for k, v in peft_model.get_base_model().state_dict().items() if "lora_" not in k}
+    with torch.no_grad():
+        merged = peft_model.merge_and_unload().state_dict()
+    return {"r": lora[0], "lora_alpha": lora[1], "adapter": adapter, "merged": dict(merged),
+            "base_names": sorted(base)}
 
 
 def _load_optimizer_worker(rank: int, args: argparse.Namespace, init_file: str) -> None:
@@ -262,6 +313,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     p.add_argument("--config-dtype", default="float32")
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--lora", type=lambda s: (int(s.split(":")[0]), float(s.split(":")[1])), default=None,
+                   metavar="R:ALPHA", help="train PEFT LoRA adapters (veRL's lora_rank/lora_alpha)")
+    p.add_argument("--lora-only", action="store_true", help="save only the lora_ tensors (save_lora_only)")
+    p.add_argument("--no-lora-meta", action="store_true", help="do not write lora_train_meta.json")
     p.add_argument("--load-optimizer", default=None, metavar="CONSOLIDATED_DIR",
                    help="instead of writing: load CONSOLIDATED_DIR/optimizer.pt at --world-size, save to OUT_ROOT")
     args = p.parse_args(argv)

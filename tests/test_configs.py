@@ -27,6 +27,7 @@ HF_UPLOAD_DISABLED = {
     "max_shard_size": "5GB",
     "namespace": None,
     "resume": "auto",
+    "lora": "adapter",
 }
 
 
@@ -170,3 +171,27 @@ def test_a_users_own_config_gets_the_typed_sections_and_the_redaction_callback(t
     cfg.hf_upload = {"enabled": True, "privat": True}  # untyped again, as a user's config would hold it
     with pytest.raises(ConfigError, match=r"hf_upload.privat is not a known key; valid keys: bootstrap_from, dtype, enabled, "):
         apply_schema(cfg)
+# LoRA variants: config groups composed onto a shipped config (`+lora=cpu`, `+lora=gpu`), checked like the others and
+# by veRL's own validation (what train_grpo.py runs before Ray).
+LORA_VARIANTS = [("cpu_demo", "cpu", 8, 16), ("algorithmic_qwen_3b", "gpu", 32, 64)]
+
+
+@pytest.mark.parametrize("name, group, rank, alpha", LORA_VARIANTS)
+def test_lora_variant_composes_and_passes_verls_validation(name, group, rank, alpha):
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    cfg = compose_config(name, [f"+lora={group}"])
+    check_run_config(cfg)
+    model = cfg.actor_rollout_ref.model
+    assert (model.lora_rank, model.lora_alpha, model.target_modules) == (rank, alpha, "all-linear")
+    assert model.lora.merge is True  # the rollout (hf or vLLM) receives merged weights, not adapters
+    assert cfg.hf_upload.lora == "adapter"
+    validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
+    OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_cpu_lora_variant_keeps_the_cpu_setup_and_its_own_checkpoint_dir():
+    cfg = compose_config("cpu_demo", ["+lora=cpu"])
+    assert cfg.actor_rollout_ref.rollout.name == "hf" and cfg.trainer.n_gpus_per_node == 2
+    assert str(cfg.trainer.default_local_dir) == "outputs/cpu_demo_lora/checkpoints"

@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-from tests.test_train_grpo_e2e import run_train
+from tests.shared_runs import run_train
 
 pytestmark = pytest.mark.slow  # ~2.5 min: two short Ray runs (three with VERL_GRPO_E2E_FULL=1)
 
@@ -64,12 +64,12 @@ def runs(hub_server, tmp_path_factory):
     os.environ["HF_TOKEN"] = token  # run_train passes the environment to train_grpo.py
     try:
         first = run_train(tmp, "first", [*SMALL, *_world(2), f"trainer.default_local_dir={tmp / 'first'}",
-                                         "trainer.total_training_steps=2"])
+                                         "trainer.total_training_steps=2"]).steps
         tags_after_first = sorted(t.name for t in HfApi(token=token).list_repo_refs(REPO).tags)
         w1 = run_train(tmp, "w1", [*SMALL, *_world(1), f"trainer.default_local_dir={tmp / 'w1'}",
-                                   "trainer.total_training_steps=3"]) if FULL else None
+                                   "trainer.total_training_steps=3"]).steps if FULL else None
         w3 = run_train(tmp, "w3", [*SMALL, *_world(3), f"trainer.default_local_dir={tmp / 'w3'}",
-                                   "trainer.total_training_steps=3"])
+                                   "trainer.total_training_steps=3"]).steps
     finally:
         if old is None:
             os.environ.pop("HF_TOKEN", None)

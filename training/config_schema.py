@@ -114,6 +114,7 @@ class HfUploadConfig:
     max_shard_size: Any = "5GB"  # largest weight file: "5GB", "500MB" or bytes
     namespace: str | None = None  # subfolder of the repo for this experiment
     resume: str = "auto"  # auto | required | never (with strategy=checkpoint)
+    lora: str = "adapter"  # LoRA runs: adapter (PEFT folder) | merged | both
 
 
 @dataclass

@@ -44,6 +44,7 @@ from typing import Any
 from omegaconf import DictConfig, open_dict
 
 from training.errors import IncompatibleResumeError, ResumeError
+from training.hub_resume_lora import base_config_dir, lora_differences, run_lora_config
 
 __all__ = ["resume_from_hub", "write_lineage", "compat_fingerprint", "ResumeError", "IncompatibleResumeError",
            "ResumeOutcome", "RESUME_MODES"]
@@ -187,6 +188,11 @@ def resume_from_hub(cfg: DictConfig) -> ResumeOutcome:
             raise ResumeError(f"hf_upload.resume=required, but {where} holds no snapshot to resume from. Use "
                               "resume=auto to start (and bootstrap the repo), or check repo_id/namespace.")
         run_id = _restore_lineage(None)
+        if run_lora_config(cfg) is not None:
+            # A LoRA run's step 0 is the base model plus a zero adapter: pushing the whole base model would defeat
+            # small adapter uploads. Its first snapshot is its first save.
+            logger.info("%s is empty; a LoRA run does not bootstrap it (the base model stays where it is)", where)
+            return ResumeOutcome("none", 0, None, run_id=run_id)
         tag = _bootstrap(uploader, cfg, where)
         return ResumeOutcome("bootstrap", 0, tag, run_id=run_id)
 
@@ -196,12 +202,16 @@ def resume_from_hub(cfg: DictConfig) -> ResumeOutcome:
                     local_step, local_dir, where, snap.tag)
         return ResumeOutcome("local", local_step, snap.tag, run_id=_restore_lineage(snap.state))
 
-    _check_compatible(cfg, snap, where)
+    from utils.checkpoint.reshard_lora import find_adapter
+
+    adapter = find_adapter(snap.folder)
+    _check_compatible(cfg, snap, where, adapter)
     run_id = _restore_lineage(snap.state)
     if snap.resumable:
         from utils.checkpoint.reshard import write_verl_checkpoint
 
-        step_dir = write_verl_checkpoint(snap.folder, local_dir, world, step=snap.step)
+        base = base_config_dir(str(cfg.actor_rollout_ref.model.path)) if adapter is not None else None
+        step_dir = write_verl_checkpoint(snap.folder, local_dir, world, step=snap.step, base_model=base)
         with open_dict(cfg):
             cfg.trainer.resume_mode = "resume_path"
             cfg.trainer.resume_from_path = str(step_dir)
@@ -219,7 +229,10 @@ def resume_from_hub(cfg: DictConfig) -> ResumeOutcome:
                        "hf_upload.strategy=checkpoint for an exact resume.", where, snap.tag)
         logger.warning("!" * 100)
     with open_dict(cfg):  # the Hub copy is authoritative once the namespace exists (step-0 = the bootstrap)
-        cfg.actor_rollout_ref.model.path = str(snap.folder)
+        if adapter is not None:  # veRL's own seam: train on from a pre-trained adapter over the run's base model
+            cfg.actor_rollout_ref.model.lora_adapter_path = str(adapter.folder)
+        else:
+            cfg.actor_rollout_ref.model.path = str(snap.folder)
     return ResumeOutcome("weights_only", snap.step, snap.tag, run_id=run_id)
 
 
@@ -260,12 +273,18 @@ def _local_step(local_dir: Path) -> int | None:
     return step if (local_dir / f"global_step_{step}").is_dir() else None
 
 
-def _check_compatible(cfg: DictConfig, snap: Any, where: str) -> None:
-    """Compare the snapshot's model config (and recorded optimizer) with this run's; name every difference."""
+def _check_compatible(cfg: DictConfig, snap: Any, where: str, adapter: Any = None) -> None:
+    """Compare the snapshot's model config (and recorded optimizer) with this run's; name every difference.
+
+    A LoRA snapshot (``adapter``) or a LoRA run: base model and LoRA shape (:mod:`training.hub_resume_lora`).
+    """
     mine = compat_fingerprint(cfg)
-    theirs_model = compat_fingerprint(cfg, str(snap.folder))["model"]
-    diffs = [f"model.{k}: Hub {theirs_model.get(k)!r} vs this run {mine['model'].get(k)!r}"
-             for k in _MODEL_KEYS if theirs_model.get(k) != mine["model"].get(k)]
+    if adapter is not None or run_lora_config(cfg) is not None:
+        diffs = lora_differences(cfg, snap, adapter, mine["model"])
+    else:
+        theirs_model = compat_fingerprint(cfg, str(snap.folder))["model"]
+        diffs = [f"model.{k}: Hub {theirs_model.get(k)!r} vs this run {mine['model'].get(k)!r}"
+                 for k in _MODEL_KEYS if theirs_model.get(k) != mine["model"].get(k)]
     recorded = ((snap.state or {}).get("compat") or {}).get("optimizer") or {}
     diffs += [f"actor.optim.{k}: Hub {recorded[k]!r} vs this run {mine['optimizer'].get(k)!r}"
               for k in _OPTIM_KEYS if k in recorded and recorded[k] != mine["optimizer"].get(k)]

@@ -77,6 +77,9 @@ def uploader_settings(cfg: Any) -> dict[str, Any]:
     if base_model and not base_model.startswith("tiny://") and not base_model.startswith("/"):
         card_info["base_model"] = base_model  # a Hub id; local paths mean nothing to readers of the card
     return {
+        "lora": hf.lora,  # LoRA runs only: adapter | merged | both
+        # adapter_config.json's base_model_name_or_path: the Hub id, or the local folder the run loaded
+        "lora_base_model": base_model if base_model and not base_model.startswith("tiny://") else None,
         "repo_id": hf.repo_id,
         "organization": hf.organization or None,
         "private": hf.private,

@@ -4,6 +4,8 @@
     python utils/load_fsdp_to_hf.py checkpoints/run out/model --format safetensors --dtype bf16 --optimizer
     python -m utils.load_fsdp_to_hf CKPT_DIR OUT_DIR [--format bin|safetensors] [--dtype auto|bf16|fp16|fp32]
         [--max-shard-size 5GB] [--optimizer] [--base-model PATH] [--step N] [--overwrite] [--verify] [--quiet]
+        [--lora adapter|merged|both] [--lora-alpha A] [--lora-rank R] [--lora-base-model NAME]
+    python utils/load_fsdp_to_hf.py ckpts/lora_run out/qwen-lora --lora both --lora-base-model Qwen/Qwen2.5-1.5B
 
 The pipeline: detect the layout (world size, rank files) -> read every rank file memory-mapped -> for each tensor,
 assemble it from its DTensor shards by placement, cast, write it, release it -> write the index last -> copy config,

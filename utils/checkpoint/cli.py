@@ -11,6 +11,7 @@ import sys
 
 from utils.checkpoint.consolidate import consolidate_checkpoint
 from utils.checkpoint.errors import CheckpointError
+from utils.checkpoint.lora import LORA_MODES
 from utils.checkpoint.model_config import DTYPES
 from utils.checkpoint.writer import WEIGHT_FORMATS
 
@@ -33,6 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     p.add_argument("--verify", action="store_true", help="load the result with transformers and compare bitwise")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no log lines; errors still go to stderr")
+    p.add_argument("--lora", choices=LORA_MODES, default=None,
+                   help="LoRA checkpoints: adapter (PEFT folder), merged (plain model, the default) or both "
+                        "(merged model + PEFT folder in OUT_DIR/adapter)")
+    p.add_argument("--lora-alpha", type=float, default=None,
+                   help="LoRA alpha, if the checkpoint has no lora_train_meta.json (the run's model.lora_alpha)")
+    p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank, checked against the shards")
+    p.add_argument("--lora-base-model", default=None,
+                   help="base_model_name_or_path for adapter_config.json (a Hub id, e.g. Qwen/Qwen2.5-1.5B)")
     return p
 
 
@@ -45,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         result = consolidate_checkpoint(
             args.ckpt_dir, args.out_dir, step=args.step, weights_format=args.weights_format, dtype=args.dtype,
             max_shard_size=args.max_shard_size, include_optimizer=args.optimizer, base_model=args.base_model,
-            overwrite=args.overwrite, verify=args.verify, progress=not args.quiet)
+            overwrite=args.overwrite, verify=args.verify, progress=not args.quiet, lora=args.lora,
+            lora_alpha=args.lora_alpha, lora_rank=args.lora_rank, lora_base_model=args.lora_base_model)
     except (CheckpointError, ValueError) as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

@@ -34,6 +34,7 @@ from utils.checkpoint.errors import (
     TiedWeightMismatchError,
 )
 from utils.checkpoint.layout import CheckpointLayout, detect_layout
+from utils.checkpoint.lora import LORA_MODES, lora_view
 from utils.checkpoint.merge import RankShards
 from utils.checkpoint.model_config import (
     DTYPES,
@@ -74,6 +75,8 @@ class ConsolidationResult:
         world_size, step: of the checkpoint consolidated.
         num_tensors: weight tensors written (tied aliases counted once).
         optimizer_file: ``"optimizer.pt"`` if the optimizer was consolidated.
+        lora: for a LoRA checkpoint, what was written (``mode``, ``r``, ``lora_alpha``, ``target_modules``,
+            ``base_model_name_or_path``, ``adapter_dir``: the PEFT folder relative to ``out_dir``); else ``None``.
     """
 
     out_dir: Path
@@ -88,14 +91,21 @@ class ConsolidationResult:
     num_tensors: int
     optimizer_file: str | None = None
     side_files: list[str] = field(default_factory=list)
+    lora: dict | None = None
 
     def summary(self) -> str:
         gb = self.bytes_written / 1e9
         step = f"step {self.step}" if self.step is not None else "checkpoint"
         return (f"consolidated {step} (W={self.world_size}, {self.source_dtype}) -> {self.out_dir}: {self.num_tensors} "
                 f"tensors, {sum(not f.endswith('.json') for f in self.weight_files)} weight file(s), {self.dtype}, {gb:.2f} GB"
-                f"{' + optimizer.pt' if self.optimizer_file else ''} in {self.seconds:.1f} s "
+                f"{' + optimizer.pt' if self.optimizer_file else ''}{_lora_summary(self.lora)} in {self.seconds:.1f} s "
                 f"({gb / max(self.seconds, 1e-9):.2f} GB/s)")
+
+
+def _lora_summary(lora: dict | None) -> str:
+    if not lora:
+        return ""
+    return f" [LoRA r={lora['r']} alpha={lora['lora_alpha']}: {lora['mode']}]"
 
 
 def _check_against_config(shards: RankShards, expected: ExpectedModel) -> list[str]:
@@ -241,6 +251,10 @@ def consolidate_checkpoint(
     overwrite: bool = False,
     verify: bool = False,
     progress: bool = True,
+    lora: str | None = None,
+    lora_alpha: float | None = None,
+    lora_rank: int | None = None,
+    lora_base_model: str | None = None,
 ) -> ConsolidationResult:
     """Merge a veRL FSDP checkpoint's rank files into a Hugging Face model folder.
 
@@ -256,6 +270,15 @@ def consolidate_checkpoint(
         overwrite: replace a non-empty ``out_dir``.
         verify: also load the result with transformers and compare every tensor bitwise with the shards.
         progress: show a progress bar over bytes on stderr.
+        lora: for a LoRA checkpoint (see :mod:`utils.checkpoint.lora`): ``"adapter"`` (a PEFT folder),
+            ``"merged"`` (a plain model with ``W + B@A*alpha/r`` folded in, fp32 before the final cast) or
+            ``"both"`` (the merged model, and the adapter in ``out_dir/adapter``); default ``None``: merged, so the
+            output loads with ``from_pretrained`` as for any checkpoint. Ignored for a full checkpoint. With
+            ``include_optimizer``, ``optimizer.pt`` holds the LoRA parameters' state only.
+        lora_alpha, lora_rank: override / cross-check veRL's ``lora_train_meta.json``; a checkpoint without it
+            needs ``lora_alpha``.
+        lora_base_model: ``base_model_name_or_path`` written into ``adapter_config.json`` (default:
+            ``base_model``, else the ``_name_or_path`` of the checkpoint's ``config.json``).
 
     Returns:
         A :class:`ConsolidationResult` (files, bytes, seconds, dtype, world size, step).
@@ -267,7 +290,8 @@ def consolidate_checkpoint(
         MissingModelConfigError, InvalidModelConfigError: no usable ``config.json``.
         OutputExistsError, OutputNotWritableError, OutputVerificationError: output problems.
         FSDP1OptimizerError, OptimizerMismatchError: with ``include_optimizer``.
-        ValueError: a bad argument (format, dtype, shard size).
+        LoraMetadataError, LoraError: a LoRA checkpoint without a known alpha, or one that cannot be written as asked.
+        ValueError: a bad argument (format, dtype, shard size, lora mode).
         In every case nothing is left in (or beside) ``out_dir``.
 
     Example:
@@ -281,6 +305,8 @@ def consolidate_checkpoint(
     if dtype != "auto" and dtype not in DTYPES:
         raise InvalidOptionError(f"dtype={dtype!r}: expected auto or one of {sorted(DTYPES)}")
     parse_size(max_shard_size)
+    if lora is not None and lora not in LORA_MODES:
+        raise ValueError(f"lora={lora!r}: expected one of {', '.join(LORA_MODES)}")
     out_dir = Path(out_dir).absolute()
     _check_out_dir(out_dir, overwrite)
 
@@ -292,6 +318,15 @@ def consolidate_checkpoint(
     config_dir = find_config_dir(layout.hf_dir, base_model)
     expected = load_expected_model(config_dir)
     shards = RankShards(layout.model_files)
+    # A LoRA checkpoint: `view` is the merged model (same interface as `shards`), or None for an adapter-only output.
+    lora_layout, view = lora_view(shards, layout.actor_dir, expected, lora, lora_alpha=lora_alpha, lora_rank=lora_rank)
+    if lora_layout is not None:  # the LoRA outputs' writers (they use this module's temp-folder helpers)
+        from utils.checkpoint.lora_output import consolidate_adapter, lora_base_name, write_lora_extras
+    if lora_layout is not None and view is None:
+        return consolidate_adapter(t0, layout, shards, lora_layout, expected, out_dir, dtype=dtype,
+                                    include_optimizer=include_optimizer, base_name=lora_base_name(
+                                        lora_base_model, base_model, config_dir), overwrite=overwrite)
+    raw, shards = shards, (view if view is not None else shards)
     keys = _check_against_config(shards, expected)
 
     floats = [shards.spec(k).dtype for k in keys if shards.spec(k).dtype.is_floating_point]
@@ -314,8 +349,12 @@ def consolidate_checkpoint(
         _write_weights(shards, plan, tmp, weights_format, dtypes, progress)
         write_index(tmp, plan)
         side_files = copy_side_files(config_dir, tmp, out_dtype)
-        opt_bytes, opt_file = 0, None
-        if include_optimizer:
+        opt_bytes, opt_file, lora_info = 0, None, None
+        if lora_layout is not None:
+            lora_info = write_lora_extras(tmp, layout, raw, lora_layout, lora or "merged", out_dtype,
+                                          include_optimizer, lora_base_name(lora_base_model, base_model, config_dir))
+            opt_file, opt_bytes = lora_info.pop("optimizer_file"), lora_info.pop("optimizer_bytes")
+        elif include_optimizer:
             opt_file = "optimizer.pt"
             opt_bytes = consolidate_optimizer(layout.optim_files, expected.param_names, expected.shapes,
                                               tmp / opt_file, fsdp_version=layout.fsdp_version)
@@ -343,4 +382,5 @@ def consolidate_checkpoint(
         num_tensors=len(keys),
         optimizer_file=opt_file,
         side_files=side_files,
+        lora=lora_info,
     )

@@ -41,7 +41,8 @@ __all__ = ["write_verl_checkpoint", "ReshardError", "ConsolidatedWeights", "shar
 logger = logging.getLogger(__name__)
 
 # Files of a consolidated folder that are not side files of veRL's actor/huggingface/ folder.
-_NOT_SIDE_FILES = ("pytorch_model", "model.safetensors", "model-", "optimizer.pt", "README.md", "trainer_state.json")
+_NOT_SIDE_FILES = ("pytorch_model", "model.safetensors", "model-", "optimizer.pt", "README.md", "trainer_state.json",
+                   "adapter_")
 
 
 class ConsolidatedWeights:
@@ -107,6 +108,7 @@ def write_verl_checkpoint(
     *,
     step: int,
     weights_only: bool = False,
+    base_model: str | Path | None = None,
 ) -> Path:
     """Reshard a consolidated snapshot into veRL's checkpoint layout for ``world_size`` under ``run_dir``.
 
@@ -118,6 +120,9 @@ def write_verl_checkpoint(
         step: The global step the snapshot was saved at.
         weights_only: Write only the model shards (no optimizer/extra state); veRL must then be told to load only
             the model (``actor.checkpoint.load_contents=[model]``).
+        base_model: for a LoRA snapshot (a PEFT adapter, see :mod:`utils.checkpoint.reshard_lora`): a local folder
+            with the base model's ``config.json`` (the run's ``actor_rollout_ref.model.path``); the shards hold the
+            adapters only, as veRL's ``save_lora_only`` writes them, and the base weights come from the model path.
 
     Returns:
         The ``global_step_{step}`` directory.
@@ -143,7 +148,15 @@ def write_verl_checkpoint(
     if target.exists():
         raise ReshardError(f"{target} already exists; remove it, or point --out / trainer.default_local_dir at an "
                            "empty directory.")
+    from utils.checkpoint.reshard_lora import check_lora_optimizer, find_adapter, lora_rank_worker, peft_parameters
+
+    adapter = find_adapter(snapshot_dir)
+    if adapter is not None and (base_model is None or not (Path(base_model) / "config.json").is_file()):
+        raise ReshardError(f"{snapshot_dir} is a LoRA snapshot (an adapter without base weights): pass base_model, a "
+                           f"folder with the base model's config.json (got {base_model}).")
+    config_dir = Path(base_model) if adapter is not None else snapshot_dir
     required = ["config.json"] + ([] if weights_only else ["optimizer.pt", f"{RESUME_DIR}/extra_state_rank_0.pt"])
+    required = required[1:] if adapter is not None else required
     missing = [r for r in required if not (snapshot_dir / r).is_file()]
     if missing:
         raise ReshardError(f"{snapshot_dir} lacks {', '.join(missing)}: it is not a resume snapshot "
@@ -158,11 +171,18 @@ def write_verl_checkpoint(
         actor = staging / "actor"
         actor.mkdir()
         # Built once here (transformers on the meta device), handed to the ranks: they import torch only.
-        expected = load_expected_model(snapshot_dir)
-        _check_optimizer_names(snapshot_dir, expected, weights_only)
+        if adapter is not None:
+            params = peft_parameters(config_dir, adapter.config)
+            if not weights_only:
+                check_lora_optimizer(snapshot_dir, adapter, params)
+            worker, args = lora_rank_worker, (str(adapter.folder), params, weights_only)
+        else:
+            expected = load_expected_model(snapshot_dir)
+            _check_optimizer_names(snapshot_dir, expected, weights_only)
+            worker, args = _rank_worker, (weights_only, expected)
         with tempfile.TemporaryDirectory() as tmp:
-            mp.start_processes(_rank_worker, args=(world_size, str(snapshot_dir), str(actor), weights_only, expected,
-                                                   os.path.join(tmp, "init")),
+            mp.start_processes(worker, args=(world_size, str(snapshot_dir), str(actor), *args,
+                                             os.path.join(tmp, "init")),
                                nprocs=world_size, start_method="spawn")
         (actor / "fsdp_config.json").write_text(json.dumps({"FSDP_version": 2, "world_size": world_size}, indent=4))
         hf = actor / "huggingface"
@@ -170,6 +190,11 @@ def write_verl_checkpoint(
         for f in sorted(snapshot_dir.iterdir()):
             if f.is_file() and not f.name.startswith(_NOT_SIDE_FILES):
                 shutil.copyfile(f, hf / f.name)
+        if adapter is not None:  # the adapter folder has no config.json: the base model's, as veRL saves it
+            shutil.copyfile(config_dir / "config.json", hf / "config.json")
+            from utils.checkpoint.reshard_lora import write_lora_meta
+
+            write_lora_meta(actor, adapter)
         for name in ("data.pt", CURRICULUM_FILE, LINEAGE_FILE):
             if (snapshot_dir / RESUME_DIR / name).is_file():
                 shutil.copyfile(snapshot_dir / RESUME_DIR / name, staging / name)

@@ -16,6 +16,8 @@ from typing import Any
 
 from huggingface_hub import ModelCardData
 
+from utils.hub.card_lora import lora_library, lora_load_lines, lora_rows, lora_tags
+
 __all__ = ["CARD_MARKER", "CardInfo", "render_model_card", "is_generated_card", "framework_versions",
            "headline_metrics"]
 
@@ -43,6 +45,7 @@ class CardInfo:
         optimizer: Whether ``optimizer.pt`` is part of the upload.
         extra: More ``key: value`` pairs for the details table (git SHA, W&B link, global batch, ...).
         subfolder: The repo subfolder holding the model (an experiment namespace), if any.
+        lora: For a LoRA run, the consolidation's LoRA record (mode, r, lora_alpha, target_modules, ...).
     """
 
     repo_id: str
@@ -57,6 +60,7 @@ class CardInfo:
     optimizer: bool = False
     extra: Mapping[str, object] = field(default_factory=dict)
     subfolder: str | None = None
+    lora: Mapping[str, object] | None = None
 
 
 def framework_versions() -> dict[str, str]:
@@ -118,11 +122,11 @@ def render_model_card(info: CardInfo) -> str:
         >>> card.startswith("---") and 'revision="step-3"' in card
         True
     """
-    tags = list(BASE_TAGS) + [f"reasoning-gym-{name}" for name in sorted(info.datasets or {})]
+    tags = list(BASE_TAGS) + lora_tags(info.lora) + [f"reasoning-gym-{name}" for name in sorted(info.datasets or {})]
     metrics = {k: float(v) for k, v in (info.metrics or {}).items() if isinstance(v, int | float)}
     data = ModelCardData(
         base_model=_hub_model_id(info.base_model),
-        library_name="transformers",
+        library_name=lora_library(info.lora),
         pipeline_tag="text-generation",
         tags=tags,
         training_step=info.step,
@@ -133,9 +137,12 @@ def render_model_card(info: CardInfo) -> str:
     )
     versions = framework_versions()
     sub = f', subfolder="{info.subfolder}"' if info.subfolder else ""
-    rows = [("step", info.step), ("revision", f"`{info.revision}`"), ("base model", info.base_model),
+    base_link = f"[{info.base_model}](https://huggingface.co/{info.base_model})" \
+        if _hub_model_id(info.base_model) else info.base_model
+    rows = [("step", info.step), ("revision", f"`{info.revision}`"), ("base model", base_link),
             ("dtype", info.dtype), ("world size (ranks)", info.world_size), ("weights", info.weights_format),
             ("optimizer state", "`optimizer.pt` (keyed by parameter name)" if info.optimizer else None)]
+    rows += lora_rows(info.lora)
     rows += list(info.extra.items())
     rows += [(name, version) for name, version in versions.items()]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows if v is not None)
@@ -155,10 +162,11 @@ def render_model_card(info: CardInfo) -> str:
         "## Load it",
         "",
         "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        f'model = AutoModelForCausalLM.from_pretrained("{info.repo_id}", revision="{info.revision}"{sub})',
-        f'tokenizer = AutoTokenizer.from_pretrained("{info.repo_id}", revision="{info.revision}"{sub})',
+        *(lora_load_lines(info.lora, info.repo_id, info.revision, info.subfolder, info.base_model) if info.lora else [
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'model = AutoModelForCausalLM.from_pretrained("{info.repo_id}", revision="{info.revision}"{sub})',
+            f'tokenizer = AutoTokenizer.from_pretrained("{info.repo_id}", revision="{info.revision}"{sub})']),
         "```",
         "",
         "## Training details",

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--strategy", default="end", choices=["end", "every_save", "checkpoint"],
                         help="checkpoint: also upload optimizer.pt + trainer state (a resume snapshot)")
         sp.add_argument("--namespace", default="", help="subfolder of the repo for this experiment")
+        sp.add_argument("--lora", default="adapter", choices=["adapter", "merged", "both"],
+                        help="LoRA checkpoints: the PEFT adapter (default), the merged model, or both")
+        sp.add_argument("--lora-base-model", default=None, help="the adapter's base model (a Hub id)")
 
     up = sub.add_parser("upload", help="consolidate one checkpoint and upload it")
     up.add_argument("checkpoint_dir", help=".../global_step_N (or its actor/ folder)")
@@ -95,7 +98,8 @@ def _uploader(args: argparse.Namespace):
     return HuggingFaceUploader(args.repo_id, args.organization, args.private, args.optimizer_save_mode,
                                endpoint=args.endpoint, weights_format=args.weights_format, dtype=args.dtype,
                                max_shard_size=args.max_shard_size, model_card=args.model_card,
-                               staging_dir=args.staging_dir, strategy=args.strategy, namespace=args.namespace)
+                               staging_dir=args.staging_dir, strategy=args.strategy, namespace=args.namespace,
+                               lora=args.lora, lora_base_model=args.lora_base_model)
 
 
 def _cmd_upload(args: argparse.Namespace) -> int:

@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 # Files an upload owns: stale ones are deleted when a newer upload does not have them. Anything else (a LICENSE, eval
 # results added by hand, other namespaces' folders) is never deleted.
 MANAGED_PATTERNS = ("pytorch_model*.bin", "pytorch_model.bin.index.json", "model*.safetensors",
-                    "model.safetensors.index.json", "optimizer.pt", "trainer_state.json")  # fmt: skip
+                    "model.safetensors.index.json", "optimizer.pt", "trainer_state.json",
+                    "adapter_config.json", "adapter_model.safetensors")  # fmt: skip
 README = "README.md"
 
 
@@ -236,7 +237,8 @@ def _is_managed(path: str, namespace: str) -> bool:
     rel = path[len(ns) + 1:] if ns else path
     if ns and not path.startswith(ns + "/"):
         return False
-    if rel.startswith("resume/"):  # a resume snapshot's trainer state (utils.hub.resume_state): replaced as a whole
-        return "/" not in rel[len("resume/"):]
+    for sub in ("resume/", "adapter/"):  # a snapshot's trainer state, a LoRA upload's PEFT folder: replaced whole
+        if rel.startswith(sub):
+            return "/" not in rel[len(sub):]
     return "/" not in rel and any(fnmatch.fnmatch(rel, pattern) for pattern in MANAGED_PATTERNS)
 

@@ -100,8 +100,8 @@ def _fetch(client: HubClient, repo_id: str, namespace: str, step: int, tag: str,
         problems += snapshot_problems(folder, state)
         if int(state.get("global_step", -1)) != step:
             problems.append(f"trainer_state.json says global_step {state.get('global_step')}, the tag says {step}")
-    elif not (folder / "config.json").is_file():
-        problems.append("config.json missing")
+    elif not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
+        problems.append("config.json missing")  # (a LoRA upload's PEFT folder has adapter_config.json instead)
     return snap, problems
 
 

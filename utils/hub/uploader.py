@@ -62,6 +62,7 @@ logger = logging.getLogger("utils.hf_uploader")  # the public face's name: what 
 VALID_OPTIMIZER_SAVE_MODES = (None, "full")
 VALID_STRATEGIES = ("end", "every_save", "checkpoint")
 VALID_WEIGHT_FORMATS = ("bin", "safetensors")
+VALID_LORA_MODES = ("adapter", "merged", "both")  # utils.checkpoint.lora.LORA_MODES (not imported: torch-heavy)
 
 
 def resolve_repo_id(repo_id: str | None, organization: str | None = None) -> str:
@@ -189,6 +190,11 @@ class HuggingFaceUploader:
         max_attempts, retry_base_delay: Outer retry of whole commits (see :class:`utils.hub.client.HubClient`).
         write_pending_marker: Leave ``upload_pending.json`` in the step directory when an upload fails.
         progress: Show the consolidation progress bar.
+        lora: For LoRA checkpoints: ``adapter`` (default: the small PEFT folder), ``merged`` (a plain model with the
+            adapters folded in) or ``both`` (merged at the root, the adapter in ``adapter/``). Full fine-tuning
+            checkpoints ignore it.
+        lora_base_model: ``base_model_name_or_path`` of the adapter (default: ``card_info["base_model"]``, else the
+            ``model_name`` of the upload call).
 
     Example:
         >>> up = HuggingFaceUploader("qwen-grpo", organization="acme", private=True)  # doctest: +SKIP
@@ -217,6 +223,8 @@ class HuggingFaceUploader:
         retry_base_delay: float = 2.0,
         write_pending_marker: bool = True,
         progress: bool = True,
+        lora: str = "adapter",
+        lora_base_model: str | None = None,
     ):
         self.repo_id = resolve_repo_id(repo_id, organization)
         self.organization = organization
@@ -224,6 +232,11 @@ class HuggingFaceUploader:
         self.optimizer_save_mode = validate_optimizer_save_mode(optimizer_save_mode)
         self.weights_format = _check_choice("weights_format", weights_format, VALID_WEIGHT_FORMATS)
         self.strategy = _check_choice("strategy", strategy, VALID_STRATEGIES)
+        self.lora = _check_choice("lora", lora, VALID_LORA_MODES)
+        if strategy == "checkpoint" and lora == "merged":
+            # A resume snapshot of a LoRA run needs the adapter itself: merged weights cannot be split back into A, B.
+            self.lora = "both"
+        self.lora_base_model = lora_base_model
         # A resume snapshot must hold veRL's fp32 master weights, not a rounded copy: `auto` means fp32 there.
         self.dtype = "fp32" if strategy == "checkpoint" and dtype == "auto" else dtype
         self.max_shard_size = max_shard_size
@@ -252,7 +265,8 @@ class HuggingFaceUploader:
         return {"private": self.private, "optimizer_save_mode": self.optimizer_save_mode,
                 "weights_format": self.weights_format, "dtype": self.dtype, "max_shard_size": self.max_shard_size,
                 "strategy": self.strategy, "model_card": self.model_card, "card_info": self.card_info,
-                "namespace": self.namespace, "endpoint": self.client.endpoint}
+                "namespace": self.namespace, "endpoint": self.client.endpoint, "lora": self.lora,
+                "lora_base_model": self.lora_base_model}
 
     # ------------------------------------------------------------------ preflight
     def preflight(self, *, create: bool = True) -> PreflightReport:
@@ -395,7 +409,7 @@ class HuggingFaceUploader:
                 dtype=getattr(consolidation, "dtype", None) or (None if self.dtype == "auto" else self.dtype),
                 world_size=getattr(consolidation, "world_size", None), weights_format=self.weights_format,
                 metrics=metrics, datasets=self.card_info.get("datasets"), optimizer=self.include_optimizer,
-                extra=self.card_info.get("extra") or {}))
+                extra=self.card_info.get("extra") or {}, lora=getattr(consolidation, "lora", None)))
 
         return render
 
@@ -405,7 +419,9 @@ class HuggingFaceUploader:
 
         return consolidate_checkpoint(checkpoint_dir, out_dir, weights_format=self.weights_format, dtype=self.dtype,
                                       max_shard_size=self.max_shard_size, include_optimizer=self.include_optimizer,
-                                      base_model=model_name, progress=self.progress)
+                                      base_model=model_name, progress=self.progress, lora=self.lora,
+                                      lora_base_model=self.lora_base_model or self.card_info.get("base_model")
+                                      or (str(model_name) if model_name else None))
 
     @staticmethod
     def _infer_step(checkpoint_dir: Path, step: int | None) -> int:
