@@ -7,7 +7,10 @@
 
 Order: compose the config (training/configs, on veRL's ppo_trainer) -> check it (before Ray starts, so a bad
 dataset/reward/model path fails in seconds) -> Hub preflight when hf_upload.enabled (bad token/namespace/repo id
-fail in seconds) -> resolve tiny://qwen2 -> veRL's run_ppo with our task runner.
+fail in seconds) -> resolve tiny://qwen2 -> start or join Ray -> veRL's run_ppo with our task runner.
+
+Multi-node: `ray start --head` on one node, `ray start --address=HEAD:PORT` on the others (CPU nodes: add
+`--num-gpus=N`, logical GPUs), then launch on the head as above: the launch joins the running cluster.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from training.errors import ConfigError
 from training.hub_resume import ResumeError, resume_from_hub
 from training.hub_upload import setup_hub_upload
 from training.hydra_token import with_redaction_callback
+from training.ray_cluster import configure_ray
 from utils.checkpoint.errors import CheckpointError
 from utils.hub.errors import HubUploadError
 
@@ -59,6 +63,9 @@ def main(cfg: DictConfig) -> None:
     except (ResumeError, HubUploadError, CheckpointError) as e:
         print(f"hf_upload.resume: {e}", file=sys.stderr)
         sys.exit(2)
+    # Start a local Ray cluster, or join a running one (RAY_ADDRESS, ray_kwargs.ray_init.address, `ray start` on this
+    # node) without the start-only keys the CPU configs carry; one line says which (training/ray_cluster.py).
+    configure_ray(cfg)
     run_ppo(cfg, task_runner_class=GRPOTaskRunner)
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything the tests need on a fresh machine, then runs lint and the whole test suite on CPU.
-#   bash scripts/test.sh                 # everything (~15 min on 2 cores)
-#   bash scripts/test.sh -m "not slow"   # the fast tier: no Ray, no multi-process runs (~2 min on 2 cores)
+#   bash scripts/test.sh                 # everything
+#   bash scripts/test.sh -m "not slow"   # the fast tier: no Ray training runs
 #   bash scripts/test.sh -k merge        # extra arguments go to pytest
 # The install is skipped when .venv was already installed from this exact pyproject.toml + install.sh (a stamp
 # file records their hash), so repeated runs go straight to the tests.

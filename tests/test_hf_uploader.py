@@ -299,3 +299,77 @@ def test_two_namespaces_in_one_repo_stay_independent(hub, run_copy, reference):
     assert 'revision="exp-a-step-5", subfolder="exp-a")' in card
     got = hf_hub_download("alice/shared", "exp-b/pytorch_model.bin", revision="exp-a-step-5", token=ALICE)
     assert _sha256(Path(got)) == _sha256(reference / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize("weights_format", ["safetensors", "bin"])
+def test_pipeline_preuploads_each_shard_once_before_the_single_commit(hub, run_copy, reference, tmp_path,
+                                                                      monkeypatch, weights_format):
+    """Shards -> Hub as one pipeline (issue 13): every weight shard is sent to LFS storage while the consolidation
+    still runs (before the commit), exactly once, never hashed by re-reading it (safetensors: hashed while written);
+    one commit, then the tag; the Hub's bytes equal an independent consolidation's."""
+    import huggingface_hub.lfs as hf_lfs
+
+    import utils.checkpoint.consolidate as engine
+    import utils.checkpoint.writer as writer
+
+    reread: list[str] = []  # files the client hashed by reading them again (UploadInfo.sha256 computed lazily)
+    real_sha = hf_lfs.sha_fileobj
+    monkeypatch.setattr(hf_lfs, "sha_fileobj", lambda f, *a, **k: reread.append(getattr(f, "name", "?"))
+                        or real_sha(f, *a, **k))
+    read_back: list[str] = []  # files the engine hashed from the page cache after writing them
+    real_file_sha = writer.sha256_of_file
+    monkeypatch.setattr(writer, "sha256_of_file", lambda p, *a: read_back.append(Path(p).name) or real_file_sha(p, *a))
+    # The engine reports the second shard only once the Hub stored the first one: a pipeline that uploaded after
+    # the consolidation (not during it) would stall here and fail, whatever the machine's speed.
+    import time
+
+    from utils.hub.pipeline import PreUploader
+
+    reported: list[str] = []
+    real_call = PreUploader.__call__
+
+    def gated(self, path, sha256):
+        if len(reported) == 1:
+            deadline = time.monotonic() + 120
+            while not hub.lfs_stored and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert hub.lfs_stored, "the first shard was not uploaded while the consolidation was still running"
+        reported.append(Path(path).name)
+        return real_call(self, path, sha256)
+
+    monkeypatch.setattr(PreUploader, "__call__", gated)
+    commits_when_built: list[int] = []
+    real_move = engine._move_into_place
+    monkeypatch.setattr(engine, "_move_into_place",
+                        lambda tmp, out: commits_when_built.append(hub.requests["commit"]) or real_move(tmp, out))
+
+    up = HuggingFaceUploader(f"alice/pipeline-{weights_format}", private=True, token=ALICE,
+                             weights_format=weights_format, max_shard_size="20KB", **FAST)
+    res = up.upload_from_checkpoint_dir(run_copy / "global_step_2")
+
+    local = consolidate_checkpoint(run_copy / "global_step_2", tmp_path / "local", weights_format=weights_format,
+                                   max_shard_size="20KB", progress=False)
+    shards = [f for f in local.weight_files if not f.endswith(".json")]
+    assert len(shards) >= 2  # several shards: later ones are written while earlier ones upload
+    hub_dir = _hub_files(f"alice/pipeline-{weights_format}", "step-2", tmp_path / "hub")
+    for name in local.files:
+        assert _sha256(hub_dir / name) == _sha256(local.out_dir / name), name
+    assert reported[: len(shards)] == shards  # weight shards first, in write order
+    assert commits_when_built[0] == 0  # the upload committed nothing while building: commit, tag, card come last
+    assert set(hub.lfs_stored.values()) == {1}  # each LFS object stored exactly once
+    assert hub.completed["commit"] == 1 and hub.completed["tag"] == 1 and res.tag == "step-2"
+    assert reread == []  # the client never re-read a file to hash it
+    if weights_format == "safetensors":
+        assert not set(read_back) & set(shards)  # hashed while written, not read back
+    else:  # torch.save writes .bin itself: hashed from the page cache, overlapping the next shard's assembly
+        assert set(shards) <= set(read_back)
+
+
+def test_pipeline_off_still_uploads_the_same_bytes(hub, run_copy, reference, tmp_path):
+    res = HuggingFaceUploader("alice/two-pass", private=True, token=ALICE, pipeline=False,
+                              **FAST).upload_from_checkpoint_dir(run_copy / "global_step_2")
+    hub_dir = _hub_files("alice/two-pass", "step-2", tmp_path / "hub")
+    for p in reference.rglob("*"):
+        if p.is_file():
+            assert _sha256(hub_dir / p.relative_to(reference)) == _sha256(p)
+    assert res.tag == "step-2" and set(hub.lfs_stored.values()) == {1}

@@ -10,12 +10,19 @@ import logging
 import sys
 
 from utils.checkpoint.consolidate import consolidate_checkpoint
+from utils.checkpoint.dtype_names import normalize_dtype
 from utils.checkpoint.errors import CheckpointError
 from utils.checkpoint.lora import LORA_MODES
-from utils.checkpoint.model_config import DTYPES
 from utils.checkpoint.writer import WEIGHT_FORMATS
 
 __all__ = ["main", "build_parser"]
+
+
+def _dtype_arg(text: str) -> str:
+    try:
+        return normalize_dtype(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt_dir", help="global_step_N/actor, global_step_N, or the run directory (latest step)")
     p.add_argument("out_dir", help="output folder (must not exist or be empty, unless --overwrite)")
     p.add_argument("--format", dest="weights_format", choices=sorted(WEIGHT_FORMATS), default="bin")
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                   help="auto = the dtype in the checkpoint's huggingface/config.json")
+    p.add_argument("--dtype", type=_dtype_arg, default="auto",
+                   help="auto (the dtype in the checkpoint's huggingface/config.json), bf16, fp16 or fp32 "
+                        "(bfloat16, float16, float32 also accepted)")
     p.add_argument("--max-shard-size", default="5GB", help="largest weight file, e.g. 5GB, 500MB (default 5GB)")
     p.add_argument("--optimizer", action="store_true", help="also write a name-keyed optimizer.pt")
     p.add_argument("--base-model", default=None, help="config/tokenizer folder if the checkpoint has no huggingface/")

@@ -28,6 +28,8 @@ __all__ = [
     "TiedWeightMismatchError",
     "InvalidOptionError",
     "ReshardError",
+    "RankSourceError",
+    "RankFileUnavailableError",
 ]
 
 
@@ -112,3 +114,11 @@ class InvalidOptionError(CheckpointError, ValueError):
 
 class ReshardError(CheckpointError, ValueError):
     """The snapshot cannot be turned into veRL shards (missing files, a run directory that already has the step)."""
+
+
+class RankSourceError(CheckpointError, ConnectionError):
+    """A holder of rank files (another node's disk, reached through :mod:`utils.checkpoint.sources`) cannot be read."""
+
+
+class RankFileUnavailableError(CheckpointError, FileNotFoundError):
+    """A rank file the consolidation needs is on no reachable node; the message names the rank and the node."""

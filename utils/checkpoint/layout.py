@@ -119,10 +119,16 @@ def resolve_actor_dir(path: str | Path, step: int | None = None) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise NotACheckpointError(f"{path}: no such directory")
-    if step is None and _has_rank_files(path):
-        return path
-    if step is None and _has_rank_files(path / "actor"):
-        return path / "actor"
+    for candidate in (path, path / "actor"):
+        if _has_rank_files(candidate):
+            own = step_from_path(candidate.resolve())
+            if step is None or step == own:
+                return candidate
+            here = f"the checkpoint of step {own}" if own is not None else "one checkpoint"
+            run = f" ({candidate.resolve().parents[1]})" if own is not None else ""
+            raise NotACheckpointError(
+                f"{path} is {here}; --step {step} (step=) picks a step inside a run directory. Drop --step, or pass "
+                f"the run directory that holds global_step_{step}/{run}.")
     steps = dict(find_step_dirs(path))
     if steps:
         chosen = latest_step(path) if step is None else step

@@ -214,6 +214,7 @@ def assemble(
 # address ranges that /proc/self/maps shows as mappings of the rank files themselves.
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform.startswith("linux") else None
 _MADV_DONTNEED = 4
+_MADV_WILLNEED = 3
 _PAGE = mmap.PAGESIZE
 
 
@@ -235,18 +236,30 @@ class MappedFiles:
                     lo, hi = (int(x, 16) for x in parts[0].split("-"))
                     self._ranges.append((lo, hi))
 
-    def release(self, t: torch.Tensor) -> None:
-        """Give back the resident pages of ``t``'s storage if it lies in a registered file mapping."""
+    def _pages(self, t: torch.Tensor) -> tuple[int, int] | None:
+        """The whole pages inside ``t``'s storage, if it lies in a registered file mapping."""
         if _LIBC is None:
-            return
+            return None
         local = t.to_local() if isinstance(t, DTensor) else t
         storage = local.untyped_storage()
         start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
         if not any(lo <= start and end <= hi for lo, hi in self._ranges):
-            return
-        lo, hi = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE  # whole pages inside the storage only
-        if hi > lo:
-            _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+            return None
+        lo, hi = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
+        return (lo, hi) if hi > lo else None
+
+    def release(self, t: torch.Tensor) -> None:
+        """Give back the resident pages of ``t``'s storage if it lies in a registered file mapping."""
+        pages = self._pages(t)
+        if pages is not None:
+            _LIBC.madvise(ctypes.c_void_p(pages[0]), ctypes.c_size_t(pages[1] - pages[0]), _MADV_DONTNEED)
+
+    def prefetch(self, t: torch.Tensor) -> None:
+        """Ask the kernel to start reading ``t``'s pages from disk now (asynchronous readahead; no-op when they are
+        cached already), so the next tensor's bytes arrive while the current one is assembled and written."""
+        pages = self._pages(t)
+        if pages is not None:
+            _LIBC.madvise(ctypes.c_void_p(pages[0]), ctypes.c_size_t(pages[1] - pages[0]), _MADV_WILLNEED)
 
 
 class RankShards:
@@ -254,18 +267,20 @@ class RankShards:
 
     Args:
         files: rank r's file at index r.
+        open_rank: where rank r's bytes come from: ``open_rank(path) -> state dict`` (default: the local file,
+            memory-mapped, :func:`load_rank_file`). The one seam for shards that live elsewhere (other nodes).
 
     Raises:
         CorruptShardError: a file cannot be read or is not a state dict.
         MissingKeyError: the ranks do not hold the same keys.
     """
 
-    def __init__(self, files: Sequence[Path]):
+    def __init__(self, files: Sequence[Path], *, open_rank: Callable[[Path], Any] = load_rank_file):
         self.files = list(files)
         self.state_dicts: list[dict[str, Any]] = []
         self.mapped = MappedFiles()
         for f in self.files:
-            sd = load_rank_file(f)
+            sd = open_rank(f)
             self.mapped.register(f)
             if not isinstance(sd, dict) or not all(isinstance(k, str) for k in sd):
                 raise CorruptShardError(f"{f}: expected a model state dict (str -> tensor), found {type(sd).__name__}")
@@ -299,3 +314,9 @@ class RankShards:
 
     def assemble(self, key: str, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         return assemble(key, self.values(key), self.files, dtype, release=self.mapped.release, out=out)
+
+    def prefetch(self, key: str) -> None:
+        """Start reading every rank's bytes of ``key`` in the background (see :meth:`MappedFiles.prefetch`)."""
+        for v in self.values(key):
+            if isinstance(v, torch.Tensor):
+                self.mapped.prefetch(v)

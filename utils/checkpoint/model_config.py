@@ -13,9 +13,11 @@ from pathlib import Path
 
 import torch
 
+from utils.checkpoint.dtype_names import normalize_dtype  # noqa: E402 - re-exported, torch-free
 from utils.checkpoint.errors import InvalidModelConfigError, InvalidOptionError, MissingModelConfigError
 
-__all__ = ["ExpectedModel", "find_config_dir", "load_expected_model", "resolve_dtype", "DTYPES", "copy_side_files"]
+__all__ = ["ExpectedModel", "find_config_dir", "load_expected_model", "normalize_dtype", "resolve_dtype", "DTYPES",
+           "copy_side_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ class ExpectedModel:
     param_names: list[str]
     config_dtype: torch.dtype | None
     config_dir: Path
+    from_formula: bool = False  # built by utils.checkpoint.known_shapes, not by transformers
 
 
 def find_config_dir(hf_dir: Path | None, base_model: str | Path | None) -> Path:
@@ -60,12 +63,20 @@ def find_config_dir(hf_dir: Path | None, base_model: str | Path | None) -> Path:
         "Pass --base-model PATH: a local folder with the config.json and tokenizer of the model that was trained.")
 
 
-def load_expected_model(config_dir: Path) -> ExpectedModel:
+def load_expected_model(config_dir: Path, *, use_formula: bool = True) -> ExpectedModel:
     """Build the model on the meta device (no memory, no weights) and read its keys, shapes and tied aliases.
+
+    With ``use_formula`` and an architecture :mod:`utils.checkpoint.known_shapes` covers, the same answer comes from
+    ``config.json`` alone (no transformers import, no model): ``from_formula`` is then true, and a caller that finds
+    the checkpoint disagreeing with it must call again with ``use_formula=False`` before reporting an error.
 
     Raises:
         InvalidModelConfigError: transformers cannot parse the config or build the architecture.
     """
+    if use_formula:
+        expected = _expected_from_formula(config_dir)
+        if expected is not None:
+            return expected
     from transformers import AutoConfig, AutoModelForCausalLM  # heavy import: only when consolidating
 
     try:
@@ -98,6 +109,26 @@ def load_expected_model(config_dir: Path) -> ExpectedModel:
         config_dtype=_CONFIG_DTYPE_NAMES.get(dtype_name) if isinstance(dtype_name, str) else None,
         config_dir=config_dir,
     )
+
+
+def _config_dtype(raw: dict) -> torch.dtype | None:
+    dtype_name = raw.get("dtype") or raw.get("torch_dtype")
+    return _CONFIG_DTYPE_NAMES.get(dtype_name) if isinstance(dtype_name, str) else None
+
+
+def _expected_from_formula(config_dir: Path) -> ExpectedModel | None:
+    from utils.checkpoint.known_shapes import known_model_shapes
+
+    try:
+        raw = json.loads((config_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # the transformers path reports it properly
+    known = known_model_shapes(raw) if isinstance(raw, dict) else None
+    if known is None:
+        return None
+    shapes, aliases, names = known
+    return ExpectedModel(shapes=shapes, aliases=aliases, param_names=names, config_dtype=_config_dtype(raw),
+                         config_dir=config_dir, from_formula=True)
 
 
 def resolve_dtype(requested: str, config_dtype: torch.dtype | None, stored_dtype: torch.dtype) -> torch.dtype:

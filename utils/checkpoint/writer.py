@@ -7,6 +7,7 @@ run on meta tensors, so it is known before a single byte is read and matches wha
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import struct
@@ -16,8 +17,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
-from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors import safe_open
 
 from utils.checkpoint.errors import InvalidOptionError, OutputVerificationError
 
@@ -28,6 +27,8 @@ __all__ = [
     "plan_shards",
     "SafetensorsStreamWriter",
     "save_bin_shard",
+    "sha256_of_file",
+    "FileReporter",
     "write_index",
     "verify_output",
 ]
@@ -94,6 +95,8 @@ def plan_shards(
         >>> plan_shards([("w", (4, 4), torch.float32)], "bin", "5GB").files
         {'pytorch_model.bin': ['w']}
     """
+    from huggingface_hub import split_torch_state_dict_into_shards  # imported when used: CLI start-up stays short
+
     single, pattern, index = WEIGHT_FORMATS[weights_format]
     meta = {k: torch.empty(shape, dtype=dtype, device="meta") for k, shape, dtype in specs}
     split = split_torch_state_dict_into_shards(meta, filename_pattern=pattern, max_shard_size=max_shard_size)
@@ -114,6 +117,8 @@ class SafetensorsStreamWriter:
         path: the file to create.
         entries: ``(key, shape, dtype)`` in the order the tensors will be written.
         metadata: string metadata; ``{"format": "pt"}`` is what transformers and other loaders expect.
+        sha256: also hash every byte as it is written (:attr:`sha256` after :meth:`close`), so an upload never has
+            to read the file again.
 
     Example:
         >>> with SafetensorsStreamWriter(p, [("w", (2,), torch.float32)]) as w:  # doctest: +SKIP
@@ -121,7 +126,7 @@ class SafetensorsStreamWriter:
     """
 
     def __init__(self, path: Path, entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, *, sha256: bool = False):
         header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
         offset = 0
         self._expected: list[tuple[str, tuple[int, ...], torch.dtype, int]] = []
@@ -135,8 +140,15 @@ class SafetensorsStreamWriter:
         self.path = Path(path)
         self.size = 8 + len(blob) + offset
         self._f: BinaryIO = open(self.path, "wb")  # noqa: SIM115  (closed in close())
-        self._f.write(struct.pack("<Q", len(blob)) + blob)
+        self._hash = hashlib.sha256() if sha256 else None
+        self._put(struct.pack("<Q", len(blob)) + blob)
         self._next = 0
+        self.sha256: str | None = None
+
+    def _put(self, data) -> None:
+        self._f.write(data)
+        if self._hash is not None:  # hashlib releases the GIL on large buffers: overlaps the next assembly too
+            self._hash.update(data)
 
     def write(self, key: str, tensor: torch.Tensor) -> int:
         """Append ``tensor``'s bytes; it must be the next planned entry (same key, shape, dtype). Returns bytes."""
@@ -145,7 +157,7 @@ class SafetensorsStreamWriter:
             raise OutputVerificationError(
                 f"{self.path.name}: expected {k} {shape} {dtype} next, got {key} {tuple(tensor.shape)} {tensor.dtype}")
         # A byte view of the (contiguous) tensor: no copy; numpy has no bf16, uint8 sidesteps that.
-        self._f.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data if nbytes else b"")
+        self._put(tensor.contiguous().view(-1).view(torch.uint8).numpy().data if nbytes else b"")
         self._next += 1
         return nbytes
 
@@ -154,6 +166,8 @@ class SafetensorsStreamWriter:
         if self._next != len(self._expected):
             raise OutputVerificationError(
                 f"{self.path.name}: {len(self._expected) - self._next} planned tensors were never written")
+        if self._hash is not None:
+            self.sha256 = self._hash.hexdigest()
 
     def abort(self) -> None:
         self._f.close()
@@ -173,8 +187,23 @@ def _numel(shape: Sequence[int]) -> int:
 
 
 def save_bin_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """``torch.save`` one ``pytorch_model*.bin`` shard (transformers v5 reads these but can no longer write them)."""
+    """``torch.save`` one ``pytorch_model*.bin`` shard (transformers v5 reads these but can no longer write them).
+
+    (Saved by path, not through a hashing file object: torch names the archive after the file only when given a
+    path, and the bytes must not depend on who wrote the shard.)
+    """
     torch.save(tensors, path)
+
+
+def sha256_of_file(path: Path, chunk: int = 8 << 20) -> str:
+    """sha256 (hex) of a file just written (read back from the page cache, in chunks; releases the GIL)."""
+    h = hashlib.sha256()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
 
 
 def write_index(out_dir: Path, plan: ShardPlan) -> None:
@@ -187,6 +216,8 @@ def write_index(out_dir: Path, plan: ShardPlan) -> None:
 
 def _read_headers(path: Path, weights_format: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     if weights_format == "safetensors":
+        from safetensors import safe_open
+
         out = {}
         with safe_open(path, framework="pt") as f:
             if (f.metadata() or {}).get("format") != "pt":
@@ -236,3 +267,38 @@ def verify_output(out_dir: Path, plan: ShardPlan, weights_format: str,
         total += _numel(shape) * dtype.itemsize
     if set(seen) != set(expected) or total != plan.total_size:
         raise OutputVerificationError(f"{out_dir}: written keys or total size ({total}) differ from the plan")
+
+
+class FileReporter:
+    """Reports each finished output file with its sha256 to a callback, from one background thread, in order.
+
+    The Hub pipeline uses it to start uploading a shard while the next one is being written. Digests computed while
+    writing (safetensors) are passed through; others (``torch.save``'d ``.bin`` shards, side files) are hashed
+    here, from the page cache, overlapping the next file's assembly.
+
+    Args:
+        callback: ``callback(path, sha256_hex)``; ``path`` lies in the consolidation's temporary folder and is only
+            guaranteed to exist until the consolidation returns (hard-link it to keep it longer).
+    """
+
+    def __init__(self, callback):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._callback = callback
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="file-digest")
+        self._futures: list = []
+
+    def done(self, path: Path, sha256: str | None = None) -> None:
+        """``path`` is complete (its digest, if known)."""
+        self._futures.append(self._pool.submit(self._report, Path(path), sha256))
+
+    def _report(self, path: Path, sha256: str | None) -> None:
+        self._callback(path, sha256 or sha256_of_file(path))
+
+    def wait(self) -> None:
+        """Block until every report went out; re-raise the first error (of hashing or of the callback)."""
+        try:
+            for f in self._futures:
+                f.result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)

@@ -15,9 +15,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import httpx
 from huggingface_hub.errors import RepositoryNotFoundError
 
-from utils.hub.errors import HubUploadError, redact
+from utils.hub.errors import HubUnreachableError, HubUploadError, redact
 
 __all__ = ["main", "build_parser"]
 
@@ -29,6 +30,15 @@ def _steps(text: str) -> list[int]:
         return [int(s) for s in text.replace(" ", "").split(",") if s]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--steps wants comma-separated integers like 100,200, got {text!r}") from None
+
+
+def _dtype_arg(text: str) -> str:
+    from utils.checkpoint.dtype_names import normalize_dtype
+
+    try:
+        return normalize_dtype(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--private", action="store_true", help="create the repo private (recommended)")
         sp.add_argument("--optimizer-save-mode", default=None, help="'full' to also upload optimizer.pt")
         sp.add_argument("--format", dest="weights_format", default="bin", choices=["bin", "safetensors"])
-        sp.add_argument("--dtype", default="auto", help="auto (checkpoint's config dtype), bf16, fp16 or fp32")
+        sp.add_argument("--dtype", default="auto", type=_dtype_arg,
+                        help="auto (checkpoint's config dtype), bf16, fp16 or fp32 (bfloat16, float16, float32 too)")
         sp.add_argument("--max-shard-size", default="5GB")
         sp.add_argument("--model-name", default=None, help="base model folder: fallback for config/tokenizer")
         sp.add_argument("--no-model-card", dest="model_card", action="store_false")
@@ -77,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--revision", default="main")
     vf.add_argument("--against", default=None, help="checkpoint to consolidate locally and compare with")
     vf.add_argument("--format", dest="weights_format", default=None, choices=["bin", "safetensors"])
-    vf.add_argument("--dtype", default=None)
+    vf.add_argument("--dtype", default=None, type=_dtype_arg)
     vf.add_argument("--no-load", dest="load", action="store_false", help="skip the transformers load check")
     pl = sub.add_parser("pull", help="download the newest complete resume snapshot and write veRL's checkpoint "
                                      "layout for a world size")
@@ -114,7 +125,9 @@ def _cmd_upload(args: argparse.Namespace) -> int:
 
 def _dry_run(up, args: argparse.Namespace) -> int:
     """Consolidate into a temporary folder, compare with the remote using reads only, print the plan, delete."""
-    step = up._infer_step(Path(args.checkpoint_dir), args.step)
+    step = up.check_local(Path(args.checkpoint_dir), args.step)
+    # A plan is a few reads: fail at once when the Hub does not answer (no 20 s of retries), naming where we asked.
+    up.client.max_attempts = 1
     notes = []
     exists = True
     if up.client.has_token:
@@ -130,6 +143,12 @@ def _dry_run(up, args: argparse.Namespace) -> int:
             print(plan.describe())
         except RepositoryNotFoundError:
             exists = False
+        except (httpx.TransportError, OSError) as e:
+            raise HubUnreachableError(
+                f"dry run: cannot reach the Hub at {up.client.endpoint} ({type(e).__name__}: {_first_line(e)}); the "
+                f"plan compares with the repo there. The endpoint comes from --endpoint or HF_ENDPOINT "
+                f"({'HF_ENDPOINT=' + os.environ['HF_ENDPOINT'] if os.environ.get('HF_ENDPOINT') else 'HF_ENDPOINT is unset'}"
+                "); check the network or point it at a reachable Hub.") from None
         if not exists or not up.client.has_token:
             files = sorted(p for p in (staging / "model").rglob("*") if p.is_file())
             print(f"{up.repo_id} (to be created, {'private' if up.private else 'PUBLIC'}) @ main -> tag step-{step}")

@@ -43,6 +43,8 @@ from utils.hub.errors import (
     MissingTokenError,
     NamespaceAccessError,
     ReadOnlyTokenError,
+    RepoNotFoundOnHubError,
+    RevisionNotFoundOnHubError,
     redact,
 )
 
@@ -277,6 +279,48 @@ class HubClient:
         return PreflightReport(user=user, repo_id=repo_id, private=is_private, url=url, created=created)
 
     # ------------------------------------------------------------------ reads
+    def check_readable(self, repo_id: str, revision: str | None = None) -> str:
+        """The commit of ``repo_id@revision``, or an error saying which of these it is, and what to do.
+
+        A bare ``401``/``404`` from the Hub means one of: no token (a private repo looks absent), a rejected token, a
+        repo that does not exist, a revision that does not exist. ``verify`` and ``pull`` call this first.
+
+        Raises:
+            MissingTokenError: not found and no token was sent (it may be private).
+            InvalidTokenError: the token was rejected.
+            RepoNotFoundOnHubError: not found with a valid token.
+            RevisionNotFoundOnHubError: the repo exists, the revision does not (names the tags and branches).
+            HubUnreachableError: the endpoint does not answer.
+        """
+        check_repo_id(repo_id)
+        try:
+            return str(self._read(lambda: self.api.repo_info(repo_id, revision=revision)).sha)
+        except RevisionNotFoundError:
+            branches, tags = self.refs(repo_id)
+            raise RevisionNotFoundOnHubError(
+                f"{repo_id} at {self.endpoint} has no revision '{revision}'. Tags: {', '.join(sorted(tags)) or 'none'}; "
+                f"branches: {', '.join(sorted(branches)) or 'none'}. Pass one of those (uploads tag step-N)."
+            ) from None
+        except (RepositoryNotFoundError, HfHubHTTPError) as e:
+            status = _status(e)
+            if not isinstance(e, RepositoryNotFoundError) and status not in (401, 403, 404):
+                raise HubUnreachableError(self.redact(f"repo_info('{repo_id}') failed at {self.endpoint}: "
+                                                      f"{_short(e)}")) from None
+            if not self._token:
+                raise MissingTokenError(
+                    f"{repo_id} was not found at {self.endpoint} without a token ({status}): it does not exist, or it "
+                    "is private. Set HF_TOKEN (or run `hf auth login`) and retry; if it still fails, check the repo id."
+                ) from None
+            user = self.whoami().get("name", "?")  # raises InvalidTokenError for a rejected token
+            raise RepoNotFoundOnHubError(
+                f"{repo_id} does not exist at {self.endpoint}, or user '{user}' may not read it ({status}). Check the "
+                "repo id (namespace/name) and the endpoint (HF_ENDPOINT)."
+            ) from None
+        except (httpx.TransportError, OSError) as e:
+            raise HubUnreachableError(
+                f"Cannot reach the Hub at {self.endpoint} ({type(e).__name__}). Check the network and HF_ENDPOINT."
+            ) from None
+
     def refs(self, repo_id: str) -> tuple[dict[str, str], dict[str, str]]:
         """``(branches, tags)``, each a map from name to commit id."""
         refs = self._read(lambda: self.api.list_repo_refs(repo_id))
@@ -429,27 +473,43 @@ def check_repo_id(repo_id: str | None) -> None:
         raise InvalidRepoIdError(f"repo_id {repo_id!r} is not a valid Hub repo id: {e}") from None
 
 
-def local_files(folder: Path, *, prefix: str = "", extra: Mapping[str, bytes] | None = None) -> list[LocalFile]:
+def local_files(folder: Path, *, prefix: str = "", extra: Mapping[str, bytes] | None = None,
+                known: Mapping[str, tuple[str, CommitOperationAdd | None]] | None = None) -> list[LocalFile]:
     """Describe every file under ``folder`` (sha256 computed once, streamed) plus generated ``extra`` files.
 
     Args:
         folder: A consolidated Hugging Face folder.
         prefix: Path prefix inside the repo (``""`` for the root; an experiment's namespace is a subfolder).
         extra: Generated files ``{path_in_folder: bytes}`` (e.g. ``README.md``) that do not exist on disk.
+        known: ``{path_in_folder: (sha256, operation or None)}`` for files whose digest is already known (computed
+            while they were written, :mod:`utils.hub.pipeline`): not read again; the operation (maybe pre-uploaded)
+            goes to the first commit attempt.
 
     Returns:
         Sorted list of :class:`LocalFile`.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    paths = [p for p in sorted(folder.rglob("*")) if p.is_file()]
+    out: list[LocalFile] = []
+    paths = []
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file():
+            continue
+        rel = p.relative_to(folder).as_posix()
+        sha, op = (known or {}).get(rel, (None, None))
+        if op is not None and op.path_in_repo == _join(prefix, rel) and op.upload_info.size == p.stat().st_size:
+            out.append(LocalFile(op.path_in_repo, p, op.upload_info.size, sha, first_op=[op]))
+        elif sha is not None and op is None:  # digest known, nothing sent yet: the commit builds the operation
+            out.append(LocalFile(_join(prefix, rel), p, p.stat().st_size, sha))
+        else:
+            paths.append(p)
     ops = [CommitOperationAdd(_join(prefix, p.relative_to(folder).as_posix()), str(p)) for p in paths]
     # The operation hashes its file lazily (sha256, streamed) and keeps the hash: hash every shard in parallel
     # (hashlib releases the GIL), as the client itself would, then hand these operations to the first commit.
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(ops)))) as pool:
         digests = list(pool.map(lambda op: op.upload_info.sha256.hex(), ops))
-    out = [LocalFile(op.path_in_repo, p, op.upload_info.size, digest, first_op=[op])
-           for p, op, digest in zip(paths, ops, digests, strict=True)]
+    out += [LocalFile(op.path_in_repo, p, op.upload_info.size, digest, first_op=[op])
+            for p, op, digest in zip(paths, ops, digests, strict=True)]
     for rel, data in (extra or {}).items():
         out.append(LocalFile(_join(prefix, rel), None, len(data), hashlib.sha256(data).hexdigest(), content=data))
     return sorted(out, key=lambda f: f.path_in_repo)
@@ -458,7 +518,9 @@ def local_files(folder: Path, *, prefix: str = "", extra: Mapping[str, bytes] | 
 def _to_op(f: LocalFile) -> CommitOperationAdd:
     if f.first_op:
         return f.first_op.pop()
-    return CommitOperationAdd(f.path_in_repo, f.content if f.content is not None else str(f.local_path))
+    op = CommitOperationAdd(f.path_in_repo, f.content if f.content is not None else str(f.local_path))
+    op.upload_info.sha256 = bytes.fromhex(f.sha256)  # known already: a retry does not read the file again
+    return op
 
 
 def _join(prefix: str, rel: str) -> str:

@@ -127,6 +127,14 @@ class UploaderClosedError(HubUploadError, RuntimeError):
     """A job was submitted to a :class:`utils.hub.background.BackgroundUploader` after it was closed."""
 
 
+class RepoNotFoundOnHubError(HubUploadError, LookupError):
+    """The repo does not exist at the endpoint (or the token's user cannot see it)."""
+
+
+class RevisionNotFoundOnHubError(HubUploadError, LookupError):
+    """The repo exists, but has no such branch, tag or commit."""
+
+
 def redact(text: str, token: str | None) -> str:
     """Replace every occurrence of ``token`` (and of any ``hf_...`` token-looking word) in ``text`` with ``***``.
 

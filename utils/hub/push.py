@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from utils.hub.card import is_generated_card
 from utils.hub.client import HubClient, LocalFile, local_files
@@ -125,6 +126,7 @@ def plan_push(
     step: int,
     namespace: str = "",
     card: Callable[[], str] | None = None,
+    known: Mapping[str, tuple[str, Any]] | None = None,
 ) -> PushPlan:
     """Compare ``folder`` with the remote and decide what a push of ``step`` must do (reads only).
 
@@ -135,6 +137,8 @@ def plan_push(
         step: Training step.
         namespace: Subfolder of the repo for this experiment (``""``: the root).
         card: Renders the model card; ``None`` disables it. Skipped when ``folder`` has its own README.md.
+        known: Digests (and maybe pre-uploaded operations) of files already hashed while written
+            (:class:`utils.hub.pipeline.PreUploader`); those files are not read again.
 
     Returns:
         A :class:`PushPlan`.
@@ -144,7 +148,7 @@ def plan_push(
     """
     tag = tag_for_step(step, namespace)
     branches, tags = client.refs(repo_id)
-    files = local_files(folder, prefix=namespace)
+    files = local_files(folder, prefix=namespace, known=known)
     weights = [f for f in files if Path(f.path_in_repo).name != README]
     if tag in tags:
         remote = client.tree(repo_id, tags[tag], prefix=namespace)

@@ -189,6 +189,9 @@ def pull_snapshot(
     """
     from utils.checkpoint.reshard import write_verl_checkpoint
 
+    # A missing token, a rejected one and a repo that does not exist each get their own message (a new repo is
+    # "no snapshot" only for a training run's resume=auto, not for an explicit pull).
+    HubClient(token=token, endpoint=endpoint).check_readable(repo_id)
     snap = find_resume_snapshot(repo_id, namespace, revision=revision, token=token, endpoint=endpoint,
                                 cache_dir=cache_dir)
     where = f"{repo_id}" + (f" (namespace {namespace})" if namespace else "")

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from utils.checkpoint.dtype_names import normalize_dtype
 from utils.checkpoint.layout import find_step_dirs
-from utils.hub.card import CardInfo, headline_metrics, render_model_card
+from utils.hub.card import CURVES_FILE, CardInfo, headline_metrics, render_model_card
 from utils.hub.client import HubClient, PreflightReport, check_repo_id
 from utils.hub.errors import (
     HubUnreachableError,
@@ -40,6 +41,7 @@ from utils.hub.pending import (
     step_lock,
     write_pending,
 )
+from utils.hub.pipeline import PreUploader
 from utils.hub.push import PushPlan, execute_push, plan_push, tag_for_step
 from utils.hub.resume_state import stage_resume_files
 
@@ -195,6 +197,9 @@ class HuggingFaceUploader:
             checkpoints ignore it.
         lora_base_model: ``base_model_name_or_path`` of the adapter (default: ``card_info["base_model"]``, else the
             ``model_name`` of the upload call).
+        pipeline: Upload each finished weight file while the consolidation writes the next ones, with the sha256
+            computed while writing (:mod:`utils.hub.pipeline`); the commit, tag and card still come last. ``False``:
+            consolidate everything, then hash and upload (the older two-pass behaviour).
 
     Example:
         >>> up = HuggingFaceUploader("qwen-grpo", organization="acme", private=True)  # doctest: +SKIP
@@ -225,6 +230,7 @@ class HuggingFaceUploader:
         progress: bool = True,
         lora: str = "adapter",
         lora_base_model: str | None = None,
+        pipeline: bool = True,
     ):
         self.repo_id = resolve_repo_id(repo_id, organization)
         self.organization = organization
@@ -232,6 +238,10 @@ class HuggingFaceUploader:
         self.optimizer_save_mode = validate_optimizer_save_mode(optimizer_save_mode)
         self.weights_format = _check_choice("weights_format", weights_format, VALID_WEIGHT_FORMATS)
         self.strategy = _check_choice("strategy", strategy, VALID_STRATEGIES)
+        try:  # the consolidation CLI's own check, now rather than after minutes of work
+            dtype = normalize_dtype(dtype)
+        except ValueError as e:
+            raise InvalidUploadConfigError(str(e)) from None
         self.lora = _check_choice("lora", lora, VALID_LORA_MODES)
         if strategy == "checkpoint" and lora == "merged":
             # A resume snapshot of a LoRA run needs the adapter itself: merged weights cannot be split back into A, B.
@@ -246,6 +256,7 @@ class HuggingFaceUploader:
         self.staging_dir = Path(staging_dir) if staging_dir else None
         self.write_pending_marker = write_pending_marker
         self.progress = progress
+        self.pipeline = bool(pipeline)
         self.client = HubClient(token=token, endpoint=endpoint, max_attempts=max_attempts,
                                 retry_base_delay=retry_base_delay)
         self._preflight: PreflightReport | None = None
@@ -315,7 +326,7 @@ class HuggingFaceUploader:
         """
         started = time.perf_counter()
         checkpoint_dir = Path(checkpoint_dir)
-        step = self._infer_step(checkpoint_dir, step)
+        step = self.check_local(checkpoint_dir, step)  # every local input, before the first Hub request
         step_dir = _step_dir_of(checkpoint_dir)
         try:
             self.preflight()
@@ -325,12 +336,14 @@ class HuggingFaceUploader:
             check_staging_space(checkpoint_dir, self.staging_dir, include_optimizer=self.include_optimizer)
             staging = Path(tempfile.mkdtemp(prefix=f"hf_upload_step{step}_", dir=self.staging_dir))
             try:
-                consolidation = self._consolidate(checkpoint_dir, staging / "model", step, model_name)
+                consolidation, known = self._consolidate_and_preupload(checkpoint_dir, staging, step, model_name)
                 if self.strategy == "checkpoint":  # what resume needs, hashed, beside the model
                     stage_resume_files(step_dir, staging / "model", step=step, world_size=consolidation.world_size)
+                if (step_dir / CURVES_FILE).is_file():  # drawn by the trainer for this step: uploaded, shown in the card
+                    shutil.copyfile(step_dir / CURVES_FILE, staging / "model" / CURVES_FILE)
                 result = self._upload(staging / "model", step, metrics=metrics, commit_message=commit_message,
                                       consolidation=consolidation, base_model=model_name, started=started,
-                                      pending_dir=step_dir, checkpoint_dir=checkpoint_dir)
+                                      pending_dir=step_dir, checkpoint_dir=checkpoint_dir, known=known)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
         clear_pending(step_dir)
@@ -368,10 +381,12 @@ class HuggingFaceUploader:
                          card=self._card_fn(step, metrics, None, None) if self.model_card else None)
 
     def _upload(self, folder: Path, step: int, *, metrics, commit_message, consolidation, base_model, started,
-                pending_dir: Path | None = None, checkpoint_dir: Path | None = None) -> UploadResult:
+                pending_dir: Path | None = None, checkpoint_dir: Path | None = None, known=None) -> UploadResult:
         try:
-            card = self._card_fn(step, metrics, consolidation, base_model) if self.model_card else None
-            plan = plan_push(self.client, self.repo_id, folder, step=step, namespace=self.namespace, card=card)
+            curves = CURVES_FILE if (folder / CURVES_FILE).is_file() else None
+            card = self._card_fn(step, metrics, consolidation, base_model, curves) if self.model_card else None
+            plan = plan_push(self.client, self.repo_id, folder, step=step, namespace=self.namespace, card=card,
+                             known=known)
             message = self.client.redact(commit_message or _default_message(step, metrics))
             outcome = execute_push(self.client, plan, message=message,
                                    description=_description(step, consolidation, plan))
@@ -400,20 +415,25 @@ class HuggingFaceUploader:
         what = f"Upload of step {step} to {self.repo_id} failed: {reason}"
         return UploadFailedError(f"{what}{hint}", pending_marker=marker, reason=what)
 
-    def _card_fn(self, step, metrics, consolidation, base_model):
+    def _card_fn(self, step, metrics, consolidation, base_model, curves=None):
         def render() -> str:
             return render_model_card(CardInfo(
                 repo_id=self.repo_id, step=step, revision=tag_for_step(step, self.namespace),
                 subfolder=self.namespace or None,
-                base_model=self.card_info.get("base_model") or (str(base_model) if base_model else None),
+                base_model=self.card_info.get("base_model") or (str(base_model) if base_model else None)
+                or (getattr(consolidation, "lora", None) or {}).get("base_model_name_or_path"),  # a LoRA run's base
                 dtype=getattr(consolidation, "dtype", None) or (None if self.dtype == "auto" else self.dtype),
                 world_size=getattr(consolidation, "world_size", None), weights_format=self.weights_format,
                 metrics=metrics, datasets=self.card_info.get("datasets"), optimizer=self.include_optimizer,
-                extra=self.card_info.get("extra") or {}, lora=getattr(consolidation, "lora", None)))
+                extra=self.card_info.get("extra") or {}, dataset_configs=self.card_info.get("dataset_configs"),
+                system_prompt=self.card_info.get("system_prompt"),
+                example_question=self.card_info.get("example_question"), curves=curves,
+                max_new_tokens=int(self.card_info.get("max_new_tokens") or 64), lora=getattr(consolidation, "lora", None)))
 
         return render
 
-    def _consolidate(self, checkpoint_dir: Path, out_dir: Path, step: int, model_name: str | None):
+    def _consolidate(self, checkpoint_dir: Path, out_dir: Path, step: int, model_name: str | None,
+                     on_file_written=None):
         # The engine (torch-heavy) is imported when needed: the CLI's error paths and preflight stay light.
         from utils.checkpoint.consolidate import consolidate_checkpoint
 
@@ -421,7 +441,55 @@ class HuggingFaceUploader:
                                       max_shard_size=self.max_shard_size, include_optimizer=self.include_optimizer,
                                       base_model=model_name, progress=self.progress, lora=self.lora,
                                       lora_base_model=self.lora_base_model or self.card_info.get("base_model")
-                                      or (str(model_name) if model_name else None))
+                                      or (str(model_name) if model_name else None), on_file_written=on_file_written)
+
+    def _consolidate_and_preupload(self, checkpoint_dir: Path, staging: Path, step: int, model_name: str | None):
+        """Consolidate into ``staging/model``; with ``pipeline``, upload each finished file meanwhile.
+
+        Returns:
+            ``(consolidation, known)``: ``known`` maps file names to ``(sha256, operation)`` for the commit (no file
+            is hashed twice), or ``None`` without the pipeline.
+        """
+        if not self.pipeline:
+            return self._consolidate(checkpoint_dir, staging / "model", step, model_name), None
+        pre = PreUploader(self.client, self.repo_id, links_dir=staging / "preupload", prefix=self.namespace,
+                          tag=tag_for_step(step, self.namespace))
+        try:
+            consolidation = self._consolidate(checkpoint_dir, staging / "model", step, model_name, on_file_written=pre)
+        finally:
+            known = pre.finish()
+        if pre.failure is None:
+            logger.info("pre-uploaded %.1f MB to %s while consolidating", pre.uploaded_bytes / 1e6, self.repo_id)
+        return consolidation, known
+
+    def check_local(self, checkpoint_dir: str | Path, step: int | None = None) -> int:
+        """Check everything local about an upload before any Hub request: a mistyped path must not create a repo.
+
+        Reads only file names and ``fsdp_config.json``: the folder is a complete veRL checkpoint (every rank of
+        one world size), holds the optimizer files when ``optimizer.pt`` is requested, the step is known, and the
+        staging disk has room. Format and dtype were checked when the uploader was built.
+
+        Returns:
+            The step.
+
+        Raises:
+            StepNotFoundError: no step given and none in the path.
+            utils.checkpoint.errors.CheckpointError: not a checkpoint, missing or mixed rank files, bad fsdp_config.
+            StagingSpaceError: not enough room to consolidate.
+        """
+        from utils.checkpoint.errors import MissingRankFileError
+        from utils.checkpoint.layout import detect_layout
+
+        checkpoint_dir = Path(checkpoint_dir)
+        step = self._infer_step(checkpoint_dir, step)
+        layout = detect_layout(checkpoint_dir)
+        if self.include_optimizer and not layout.optim_files:
+            raise MissingRankFileError(
+                f"{layout.actor_dir}: no optim_world_size_{layout.world_size}_rank_*.pt files, but optimizer.pt was "
+                "requested (optimizer_save_mode='full' or strategy='checkpoint'); upload the weights only, or point "
+                "at a checkpoint saved with its optimizer.")
+        check_staging_space(checkpoint_dir, self.staging_dir, include_optimizer=self.include_optimizer)
+        return step
 
     @staticmethod
     def _infer_step(checkpoint_dir: Path, step: int | None) -> int:

@@ -87,7 +87,7 @@ def verify_upload(
     client = HubClient(token=token, endpoint=endpoint)
     work = Path(tempfile.mkdtemp(prefix="hf_verify_"))
     try:
-        commit = client.api.repo_info(repo_id, revision=revision).sha
+        commit = client.check_readable(repo_id, revision)  # says which: no token, bad token, no repo, no revision
         remote = client.tree(repo_id, commit)
         local_dir = Path(client.api.snapshot_download(repo_id, revision=commit, local_dir=work / "hub"))
         report = VerifyReport(repo_id, revision, commit)

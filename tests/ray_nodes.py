@@ -1,0 +1,166 @@
+"""Real Ray nodes for tests, started with ``ray start --block`` and stopped by PID (never ``ray stop``).
+
+Each node gets its own ports (another Ray cluster may run on the machine) and every cluster its own ``RAY_TMPDIR``,
+so the pointer ``ray start`` writes lands in ``RAY_TMPDIR/ray/ray_current_cluster``, never in ``/tmp/ray``. A node can
+be started inside its own mount namespace with a private tmpfs over a path (``private_dirs``): a file written there
+on that node is invisible to the others, as on machines with node-local disks (needs root and ``unshare``).
+
+Example:
+    >>> head = RayNode.start_head(tmp / "head", env=env, num_gpus=1)  # doctest: +SKIP
+    >>> worker = RayNode.start_worker(tmp / "b", head.address, env=env, private_dirs=[ckpt])  # doctest: +SKIP
+    >>> worker.stop(); head.stop()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_test_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """An environment for a private test cluster: its own short ``RAY_TMPDIR`` (Unix socket paths must stay under
+    108 bytes), token authentication off (a local test cluster), no usage stats."""
+    env = dict(os.environ if base is None else base)
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    env["RAY_AUTH_MODE"] = "disabled"
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    return env
+
+
+def can_make_private_mounts() -> str | None:
+    """``None`` if this process can give a child a private tmpfs (mount namespace), else the reason it cannot."""
+    if shutil.which("unshare") is None:
+        return "no `unshare` binary"
+    probe = tempfile.mkdtemp(prefix="mntprobe")
+    try:
+        out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                              f"mount -t tmpfs -o size=1m tmpfs {shlex.quote(probe)} && touch {probe}/x"],
+                             capture_output=True, text=True, timeout=30)
+        if out.returncode != 0:
+            return f"cannot create a mount namespace with a tmpfs: {out.stderr.strip() or out.returncode}"
+        if os.listdir(probe):
+            return "the tmpfs mounted in a private namespace is visible outside it"
+        return None
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+
+
+@dataclass
+class RayNode:
+    """One ``ray start --block`` process (and everything it started); ``address`` is the head's GCS address."""
+
+    proc: subprocess.Popen
+    log_path: Path
+    address: str
+    env: dict[str, str]
+    private_dirs: list[Path] = field(default_factory=list)
+
+    @classmethod
+    def start_head(cls, workdir: Path, *, env: dict[str, str], num_cpus: int = 16, num_gpus: int = 0,
+                   private_dirs: list[Path] = (), timeout: float = 120) -> RayNode:
+        args = ["--head", f"--port={free_port()}", f"--ray-client-server-port={free_port()}"]
+        node = cls._start(workdir, args, env=env, num_cpus=num_cpus, num_gpus=num_gpus, private_dirs=private_dirs,
+                          address="", timeout=timeout)
+        # the GCS address as Ray advertises it (this machine's IP): what `ray start` recorded in the pointer file
+        node.address = (Path(env["RAY_TMPDIR"]) / "ray" / "ray_current_cluster").read_text().strip()
+        return node
+
+    @classmethod
+    def start_worker(cls, workdir: Path, head_address: str, *, env: dict[str, str], num_cpus: int = 16,
+                     num_gpus: int = 0, private_dirs: list[Path] = (), timeout: float = 120) -> RayNode:
+        return cls._start(workdir, [f"--address={head_address}"], env=env, num_cpus=num_cpus, num_gpus=num_gpus,
+                          private_dirs=private_dirs, address=head_address, timeout=timeout)
+
+    @classmethod
+    def _start(cls, workdir: Path, args: list[str], *, env: dict[str, str], num_cpus: int, num_gpus: int,
+               private_dirs: list[Path], address: str, timeout: float) -> RayNode:
+        workdir.mkdir(parents=True, exist_ok=True)
+        log_path = workdir / "ray_start.log"
+        ray_cmd = [RAY, "start", "--block", f"--num-cpus={num_cpus}",
+                   f"--num-gpus={num_gpus}", "--include-dashboard=false", "--disable-usage-stats",
+                   f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}", *args]
+        if private_dirs:
+            mounts = " && ".join(f"mkdir -p {shlex.quote(str(d))} && mount -t tmpfs -o size=4g tmpfs "
+                                 f"{shlex.quote(str(d))}" for d in private_dirs)
+            cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                   f"{mounts} && exec {shlex.join(ray_cmd)}"]
+        else:
+            cmd = ray_cmd
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
+                                    start_new_session=True)
+        node = cls(proc, log_path, address, env, [Path(d) for d in private_dirs])
+        deadline = time.monotonic() + timeout
+        while "Ray runtime started" not in log_path.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                text = log_path.read_text()
+                node.stop()
+                raise RuntimeError(f"ray start failed (rc {proc.returncode}):\n{text[-4000:]}")
+            time.sleep(0.5)
+        return node
+
+    def pids(self) -> list[int]:
+        """This node's processes: ``ray start`` and every descendant (GCS, raylet, agents, workers)."""
+        import psutil
+
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root.pid, *(p.pid for p in root.children(recursive=True))]
+        except psutil.NoSuchProcess:
+            return []
+
+    def kill(self) -> None:
+        """SIGKILL the node at once (a node that dies): its processes, nothing else."""
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(timeout=30)
+
+    def stop(self, grace: float = 15) -> None:
+        """SIGTERM this node's processes (by PID), SIGKILL what is left after ``grace`` seconds."""
+        import psutil
+
+        procs = []
+        for pid in self.pids():
+            try:
+                procs.append(psutil.Process(pid))
+            except psutil.NoSuchProcess:
+                pass
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=grace)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=10)
+        if self.proc.poll() is None:
+            self.proc.wait(timeout=10)
+
+
+def remove_ray_tmpdir(env: dict[str, str]) -> None:
+    """Remove the cluster's private ``RAY_TMPDIR`` (session logs, the pointer file)."""
+    shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)

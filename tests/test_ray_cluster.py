@@ -1,0 +1,193 @@
+"""Start or join Ray (training/ray_cluster.py): the decision table without Ray; with Ray, every shipped config joins
+a running cluster (found through `ray start`'s pointer file, and through RAY_ADDRESS) exactly as veRL's run_ppo calls
+ray.init, and a stale pointer is ignored.
+
+The Ray tests use a private cluster (its own RAY_TMPDIR and ports, stopped by PID), so they pass while another Ray
+cluster runs on the machine, and leave no /tmp/ray/ray_current_cluster behind.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.ray_nodes import RayNode, free_port, ray_test_env, remove_ray_tmpdir
+from training.ray_cluster import START_ONLY_KEYS, RayPlan, plan_ray_init, ray_pointer_file
+
+REPO = Path(__file__).resolve().parents[1]
+CPU_INIT = {"num_cpus": 16, "num_gpus": 2, "include_dashboard": False}
+
+
+def _pointer(tmp_path: Path, address: str) -> dict[str, str]:
+    env = {"RAY_TMPDIR": str(tmp_path)}
+    (tmp_path / "ray").mkdir(exist_ok=True)
+    (tmp_path / "ray" / "ray_current_cluster").write_text(address + "\n")
+    return env
+
+
+def _refused_address() -> str:
+    port = free_port()  # bound then released: nothing listens there
+    return f"127.0.0.1:{port}"
+
+
+def test_no_cluster_around_starts_a_local_one_with_the_configs_resources(tmp_path):
+    plan = plan_ray_init(CPU_INIT, environ={"RAY_TMPDIR": str(tmp_path)})
+    assert (plan.action, plan.init_address, plan.dropped) == ("start", "local", ())
+    assert plan.line() == "ray: starting a local Ray cluster (no cluster to join: RAY_ADDRESS unset, no `ray start` " \
+                          "on this node)"
+
+
+def test_ray_address_joins_without_the_start_only_keys():
+    plan = plan_ray_init({**CPU_INIT, "resources": {"x": 1}}, environ={"RAY_ADDRESS": "10.1.2.3:6379"})
+    assert plan == RayPlan("join", "10.1.2.3:6379", "RAY_ADDRESS", ("num_cpus", "num_gpus", "resources"), None)
+    assert plan.line() == ("ray: joining the Ray cluster at 10.1.2.3:6379 (RAY_ADDRESS); not passing num_cpus, "
+                           "num_gpus, resources (the cluster's own resources count)")
+
+
+@pytest.mark.parametrize("address, action, init_address", [
+    ("local", "start", "local"),
+    ("auto", "join", "auto"),
+    ("10.9.9.9:6379", "join", "10.9.9.9:6379"),
+])
+def test_an_explicit_address_in_the_config_wins_over_ray_address(address, action, init_address):
+    plan = plan_ray_init({**CPU_INIT, "address": address}, environ={"RAY_ADDRESS": "10.1.2.3:6379"})
+    assert (plan.action, plan.init_address) == (action, init_address)
+    assert plan.dropped == (() if action == "start" else ("num_cpus", "num_gpus"))
+
+
+def test_a_live_pointer_from_ray_start_is_joined(tmp_path):
+    with socket.socket() as listener:  # something answers at the recorded address
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        plan = plan_ray_init(CPU_INIT, environ=_pointer(tmp_path, address))
+    assert (plan.action, plan.address, plan.init_address) == ("join", address, "auto")
+    assert str(tmp_path / "ray" / "ray_current_cluster") in plan.reason
+
+
+def test_a_stale_pointer_is_ignored_and_said_so(tmp_path):
+    address = _refused_address()
+    plan = plan_ray_init(CPU_INIT, environ=_pointer(tmp_path, address))
+    assert (plan.action, plan.init_address) == ("start", "local")
+    assert plan.line() == (f"ray: starting a local Ray cluster (ignoring the stale {tmp_path}/ray/ray_current_cluster:"
+                           f" no Ray cluster at {address}, connection refused)")
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({}, "/tmp/ray/ray_current_cluster"),
+    ({"TMPDIR": "/scratch"}, "/scratch/ray/ray_current_cluster"),
+    ({"TMPDIR": "/scratch", "RAY_TMPDIR": "/r"}, "/r/ray/ray_current_cluster"),
+])
+def test_the_pointer_file_follows_rays_own_lookup(environ, expected):
+    assert str(ray_pointer_file(environ)) == expected
+
+
+def test_configure_ray_edits_the_config_veRL_passes_to_ray_init(monkeypatch, tmp_path, capsys):
+    from tests.test_configs import compose_config
+    from training.ray_cluster import configure_ray
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.1.2.3:6379")
+    monkeypatch.setenv("HF_ENDPOINT", "http://hub.internal:8080")
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "never_forwarded")
+    cfg = compose_config("cpu_demo")
+    plan = configure_ray(cfg)
+    ray_init = cfg.ray_kwargs.ray_init
+    assert plan.action == "join"
+    assert (ray_init.address, ray_init.num_cpus, ray_init.num_gpus) == (None, None, None)
+    assert ray_init.runtime_env.env_vars.HF_ENDPOINT == "http://hub.internal:8080"
+    assert "HF_TOKEN" not in ray_init.runtime_env.env_vars
+    assert capsys.readouterr().out.strip() == plan.line()
+
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    cfg = compose_config("cpu_demo")
+    configure_ray(cfg)
+    assert (cfg.ray_kwargs.ray_init.address, cfg.ray_kwargs.ray_init.num_gpus) == ("local", 2)
+
+
+def test_every_start_only_key_is_dropped_when_joining():
+    ray_init = {key: 1 for key in START_ONLY_KEYS}
+    assert plan_ray_init(ray_init, environ={"RAY_ADDRESS": "h:1"}).dropped == START_ONLY_KEYS
+
+
+# ---------------------------------------------------------------------------------------------- real Ray below
+
+# Composes each config, applies configure_ray, then calls ray.init exactly as veRL's run_ppo does; prints the plan
+# line and the GCS address it connected to.
+PROBE = textwrap.dedent("""
+    import sys
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    import ray
+    from verl.trainer.constants_ppo import get_ppo_ray_runtime_env
+    from training.ray_cluster import configure_ray
+
+    for name in sys.argv[2:]:
+        with initialize_config_dir(config_dir=sys.argv[1], version_base=None):
+            cfg = compose(config_name=name)
+        configure_ray(cfg)
+        kwargs = cfg.ray_kwargs.get("ray_init", {})
+        runtime_env = OmegaConf.merge(get_ppo_ray_runtime_env(cfg), kwargs.get("runtime_env", {}))
+        ray.init(**OmegaConf.to_container(OmegaConf.create({**kwargs, "runtime_env": runtime_env})))
+        print(f"{name} connected to {ray.get_runtime_context().gcs_address} "
+              f"GPU={ray.cluster_resources().get('GPU', 0)}", flush=True)
+        ray.shutdown()
+""")
+
+
+def _probe(env: dict[str, str], configs: list[str]) -> str:
+    out = subprocess.run([sys.executable, "-c", PROBE, str(REPO / "training" / "configs"), *configs], env=env,
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A running single-node cluster started with `ray start --head` (2 logical GPUs), private to this module."""
+    pointer_before = Path("/tmp/ray/ray_current_cluster").exists()
+    env = ray_test_env({**os.environ, "PYTHONPATH": str(REPO)})
+    node = RayNode.start_head(tmp_path_factory.mktemp("ray-head"), env=env, num_cpus=16, num_gpus=2)
+    try:
+        yield node
+    finally:
+        node.stop()
+        remove_ray_tmpdir(env)
+        if not pointer_before:
+            assert not Path("/tmp/ray/ray_current_cluster").exists()
+
+
+@pytest.mark.slow
+def test_every_shipped_config_joins_a_running_cluster(head):
+    configs = sorted(p.stem for p in (REPO / "training" / "configs").glob("*.yaml") if not p.name.startswith("_"))
+    stdout = _probe(head.env, configs)
+    for name in configs:
+        assert f"{name} connected to {head.address} GPU=2.0" in stdout, stdout
+    assert stdout.count(f"ray: joining the Ray cluster at {head.address} (`ray start` on this node") == len(configs)
+    assert "not passing num_cpus, num_gpus" in stdout  # the CPU config's keys, which made ray.init refuse to join
+
+    by_env = _probe({**head.env, "RAY_ADDRESS": head.address}, ["cpu_demo"])
+    assert f"ray: joining the Ray cluster at {head.address} (RAY_ADDRESS)" in by_env
+    assert f"cpu_demo connected to {head.address}" in by_env
+
+
+@pytest.mark.slow
+def test_a_stale_pointer_from_a_killed_cluster_starts_a_fresh_cluster(head, tmp_path):
+    env = ray_test_env({**os.environ, "PYTHONPATH": str(REPO)})  # another RAY_TMPDIR, beside the running `head`
+    stale = _refused_address()
+    pointer = _pointer(Path(env["RAY_TMPDIR"]), stale)["RAY_TMPDIR"] + "/ray/ray_current_cluster"
+    try:
+        stdout = _probe(env, ["cpu_demo"])
+    finally:
+        remove_ray_tmpdir(env)
+    assert (f"ray: starting a local Ray cluster (ignoring the stale {pointer}: no Ray cluster at {stale}, "
+            "connection refused)") in stdout
+    connected = stdout.split("cpu_demo connected to ")[1].split()[0]
+    assert connected not in (stale, head.address)
+    assert "GPU=2.0" in stdout  # the config's num_gpus reached the cluster it started
