@@ -47,7 +47,9 @@ def main(cfg: DictConfig) -> None:
         print(f"hf_upload error: {e}", file=sys.stderr)
         sys.exit(2)
 
-    # veRL and Ray are imported only after the checks: a bad config never pays for them.
+    # veRL's trainer and Ray's cluster start only after the checks, so a bad config never pays for them. (Hydra has
+    # already imported the verl package to read its ppo_trainer.yaml; the checks themselves need neither veRL nor Ray:
+    # tests/test_architecture.py runs them with both blocked.)
     from verl.trainer.main_ppo import run_ppo
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
