@@ -21,9 +21,11 @@ import hydra
 from omegaconf import DictConfig
 
 from training.config_checks import check_run_config
+from training.config_schema import apply_schema
 from training.errors import ConfigError
 from training.hub_resume import ResumeError, resume_from_hub
 from training.hub_upload import setup_hub_upload
+from training.hydra_token import with_redaction_callback
 from training.ray_cluster import configure_ray
 from utils.checkpoint.errors import CheckpointError
 from utils.hub.errors import HubUploadError
@@ -32,6 +34,7 @@ from utils.hub.errors import HubUploadError
 @hydra.main(config_path="training/configs", config_name="cpu_demo", version_base=None)
 def main(cfg: DictConfig) -> None:
     try:
+        apply_schema(cfg)  # typed sections for a config that does not list grpo_sections (shipped ones do)
         check_run_config(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -44,7 +47,9 @@ def main(cfg: DictConfig) -> None:
         print(f"hf_upload error: {e}", file=sys.stderr)
         sys.exit(2)
 
-    # veRL and Ray are imported only after the checks: a bad config never pays for them.
+    # veRL's trainer and Ray's cluster start only after the checks, so a bad config never pays for them. (Hydra has
+    # already imported the verl package to read its ppo_trainer.yaml; the checks themselves need neither veRL nor Ray:
+    # tests/test_architecture.py runs them with both blocked.)
     from verl.trainer.main_ppo import run_ppo
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
@@ -67,4 +72,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = with_redaction_callback(sys.argv)  # a Hub token never reaches .hydra/*.yaml, whatever the config
     main()

@@ -14,7 +14,7 @@ from memory:
     verl   : python -m verl.model_merger merge --backend fsdp --local_dir ACTOR --target_dir OUT
     floor  : python + import torch, read every input byte once, write the output's byte count once
 
-Targets (issue 3): engine throughput >= 2x veRL's, peak RSS <= 0.25x veRL's, wall <= 1.3x the floor.
+Targets: engine throughput >= 2x veRL's, peak RSS <= 0.25x veRL's, wall <= 1.3x the floor.
 """
 
 from __future__ import annotations

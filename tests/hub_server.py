@@ -2,7 +2,7 @@
 
 huggingface.co cannot be reached here, so tests drive the real `huggingface_hub` client against this server. It speaks
 the part of the Hub's HTTP contract the client uses to create repos, upload (preupload, LFS batch + PUT, NDJSON
-commit), tag, branch, list and download (see `shared/reference/hub-http-contract.md`), with users, orgs and private
+commit), tag, branch, list and download, with users, orgs and private
 repos, and it has fault knobs: fail the next N requests of a kind, stall, go down and come back on the same port.
 
 Run it in a thread (tests)::

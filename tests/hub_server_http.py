@@ -1,6 +1,6 @@
 """HTTP side of the local Hub server (`tests/hub_server.py`): routing, auth checks and the Hub's endpoints.
 
-Each endpoint answers what the `huggingface_hub` client reads (see `shared/reference/hub-http-contract.md`);
+Each endpoint answers what the `huggingface_hub` client reads;
 errors carry the `X-Error-Code`/`X-Error-Message` headers the client maps to its exception classes. The handler
 reaches the `HubServer` (users, fault knobs, counters, store) through `self.server.hub`.
 """

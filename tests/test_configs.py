@@ -114,6 +114,65 @@ def test_knights_knaves_curriculum_is_enabled_on_its_dataset():
     assert set(cfg.curriculum.curricula) == {"knights_knaves"} == set(cfg.reasoning_gym.datasets)
 
 
+def _yaml_files():
+    return {p.name: OmegaConf.load(p) for p in sorted(CONFIG_DIR.glob("*.yaml"))}
+
+
+def test_no_config_file_repeats_another_files_block():
+    files = _yaml_files()
+    names = sorted(files)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            shared = set(files[a]) & set(files[b]) - {"hydra", "defaults"}
+            same = [k for k in shared if files[a][k] == files[b][k]]
+            assert not same, f"{a} and {b} both hold the same {same} block"
+
+
+def test_shipped_configs_hold_only_deltas_of_the_typed_sections():
+    from training.config_schema import section_defaults
+
+    for name, cfg in _yaml_files().items():
+        assert "callbacks" not in cfg.get("hydra", {}), f"{name}: the entry point registers the callback"
+        for section in ("curriculum", "hf_upload"):
+            defaults = section_defaults(section)
+            for key, value in (cfg.get(section) or {}).items():
+                assert value != defaults.get(key, object()), f"{name}: {section}.{key} repeats its default"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("hf_upload.privat=true", "privat"),
+    ("hf_upload.enabled=maybe", "hf_upload.enabled"),
+    ("curriculum.last_k=many", "curriculum.last_k"),
+    ("reasoning_gym.datasets.chain_sum.wieght=1", "wieght"),
+])
+def test_unknown_keys_and_wrong_types_are_refused_by_hydra_naming_the_key(override, key):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_config("cpu_demo", [override])
+    assert key in f"{info.value} {info.value.__cause__}"
+
+
+def test_bootstrap_from_is_added_on_the_command_line():
+    cfg = compose_config("cpu_demo", ["+hf_upload.bootstrap_from=/models/base"])
+    assert cfg.hf_upload.bootstrap_from == "/models/base"
+
+
+def test_a_users_own_config_gets_the_typed_sections_and_the_redaction_callback(tmp_path):
+    from training.config_schema import apply_schema
+    from training.errors import ConfigError
+    from training.hydra_token import CALLBACK_OVERRIDE
+
+    (tmp_path / "mine.yaml").write_text("reasoning_gym:\n  datasets: {chain_sum: {weight: 1}}\nhf_upload:\n"
+                                        "  enabled: true\n")
+    with initialize_config_dir(config_dir=str(tmp_path), version_base=None):
+        cfg = compose(config_name="mine", overrides=[CALLBACK_OVERRIDE], return_hydra_config=True)
+    assert cfg.hydra.callbacks.redact_hub_token._target_ == "training.hydra_token.RedactHubToken"
+    apply_schema(cfg)
+    assert cfg.hf_upload.enabled is True and cfg.hf_upload.private is True and cfg.curriculum.last_k == 20
+    cfg.hf_upload = {"enabled": True, "privat": True}  # untyped again, as a user's config would hold it
+    with pytest.raises(ConfigError, match=r"hf_upload.privat is not a known key; valid keys: bootstrap_from, dtype, enabled, "):
+        apply_schema(cfg)
 # LoRA variants: config groups composed onto a shipped config (`+lora=cpu`, `+lora=gpu`), checked like the others and
 # by veRL's own validation (what train_grpo.py runs before Ray).
 LORA_VARIANTS = [("cpu_demo", "cpu", 8, 16), ("algorithmic_qwen_3b", "gpu", 32, 64)]

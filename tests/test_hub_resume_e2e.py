@@ -1,4 +1,4 @@
-"""End to end on CPU, real Ray + veRL + FSDP2 (gloo), local Hub server through the real client (issue 5):
+"""End to end on CPU, real Ray + veRL + FSDP2 (gloo), local Hub server through the real client:
 
 1. `first`: an empty namespace, `hf_upload.resume=auto`, world size 2: the tiny model is pushed as `exp-step-0`
    before training; 2 GRPO steps; the trainer's upload hook pushes the step-2 checkpoint as a resume snapshot

@@ -1,4 +1,4 @@
-"""LoRA GRPO end to end on CPU (issue 14): real Ray + veRL 0.9.1's own LoRA path (PEFT, FSDP2 on gloo) + the hf
+"""LoRA GRPO end to end on CPU: real Ray + veRL 0.9.1's own LoRA path (PEFT, FSDP2 on gloo) + the hf
 rollout, the local Hub server through the real client. Two Ray runs, shared by every test here:
 
 1. `first`: `+lora=cpu` at world size 2, 2 GRPO steps, `hf_upload.strategy=checkpoint` with `hf_upload.lora=both`:
@@ -24,9 +24,9 @@ from tests.test_train_grpo_e2e import SMALL, run_train
 
 # Two short Ray runs (~1.5 min each on 2 shared cores). Skipped until it has run once: written on 2026-11-30, the
 # shared heavy-job lock stayed taken until the session ended, so these assertions were never executed (each piece
-# they rely on was checked separately: see the issue 14 report). Remove the skip and run it:
+# they rely on was checked separately: see the README's LoRA section). Remove the skip and run it:
 #   flock /tmp/heavy.lock env PYTHONPATH=$PWD .venv/bin/python -m pytest tests/test_lora_e2e.py -q
-pytestmark = [pytest.mark.slow, pytest.mark.skip(reason="LoRA e2e not yet run once (issue 14): remove this skip")]
+pytestmark = [pytest.mark.slow, pytest.mark.skip(reason="LoRA e2e not yet run once: remove this skip")]
 
 REPO, NS = "alice/e2e-lora", "lora"
 IDS = torch.arange(3, 3 + 2 * 13).reshape(2, 13)

@@ -46,7 +46,7 @@ def test_two_grpo_steps_write_verls_fsdp2_checkpoint(trained_run):
         "actor",
         "curriculum_state.json",
         "data.pt",
-        "lineage.json",  # issue 5: tracking run id / config hash / veRL version for trainer_state.json
+        "lineage.json",  # tracking run id / config hash / veRL version for trainer_state.json
     ]
     actor = ckpt / "global_step_2" / "actor"
     for kind in ("model", "optim", "extra_state"):

@@ -27,18 +27,21 @@ import os
 import shutil
 import sys
 import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import ray
 from omegaconf import open_dict
 from verl.trainer.ppo.checkpoint_callback import CheckpointCallback
 
-from training.hub_upload import headline_step_metrics, uploader_settings
+from training.hub_upload import uploader_settings
 from utils.hub.background import BackgroundUploader, UploadJob
-from utils.hub.errors import UploadFailedError
+from utils.hub.card import headline_metrics
+from utils.hub.errors import UploadFailedError, redact
 
-__all__ = ["HubUploadCallback", "PROGRESS_EVERY_S"]
+__all__ = ["HubUploadCallback", "UploadOutcome", "upload_outcome", "PROGRESS_EVERY_S"]
 
 PROGRESS_EVERY_S = 15.0
 DEFAULT_FINAL_WAIT_S = 10800.0  # hf_upload.final_wait_timeout when unset: 3 h for the last upload
@@ -48,6 +51,37 @@ UPLOAD_NICENESS = 10
 def _log(msg: str, *, error: bool = False) -> None:
     # print, not logging: Ray forwards actor stdout/stderr to the driver's console, loggers of actors are unset.
     print(f"[hf_upload] {msg}", file=sys.stderr if error else sys.stdout, flush=True)
+
+
+@dataclass(frozen=True)
+class UploadOutcome:
+    """What the upload actor sends back to the driver: picklable, token-free, no message parsing needed.
+
+    Attributes:
+        step: The training step.
+        status: ``"uploaded"`` or ``"failed"``.
+        summary, tag, commit: Of a finished upload (:meth:`utils.hub.uploader.UploadResult.summary`, ``step-N``, sha).
+        error_class: The exception's class name (``UploadFailedError``, ``CorruptShardError``, ...).
+        message: What went wrong, one line, without the "finish it later" hint.
+        pending_marker: The ``upload_pending.json`` left in the step directory, if any.
+        traceback: The redacted traceback, printed to the run's log by the driver.
+    """
+
+    step: int
+    status: Literal["uploaded", "failed"]
+    summary: str = ""
+    tag: str = ""
+    commit: str = ""
+    error_class: str = ""
+    message: str = ""
+    pending_marker: str | None = None
+    traceback: str = ""
+
+    def raise_if_failed(self) -> UploadOutcome:
+        """``self`` when uploaded; else an :class:`UploadFailedError` carrying the reason and the marker."""
+        if self.status == "uploaded":
+            return self
+        raise UploadFailedError(self.message, pending_marker=self.pending_marker, reason=self.message)
 
 
 # One actor per run does every upload: a dedicated process (the lowered priority never reaches a pooled Ray worker
@@ -64,21 +98,31 @@ class _UploadActor:
             pass
         self.settings = settings
 
-    def upload(self, checkpoint_dir: str, step: int, metrics: dict[str, float] | None) -> dict:
-        """Returns a plain, picklable dict (``ok`` and a summary, or the error and the pending marker)."""
-        from utils.errlog import log_traceback
-        from utils.hf_uploader import HuggingFaceUploader  # the token comes from HF_TOKEN, inherited from the driver
+    def upload(self, checkpoint_dir: str, step: int, metrics: dict[str, float] | None) -> UploadOutcome:
+        """Consolidate and upload one checkpoint; every failure comes back as a ``failed`` outcome, not raised."""
+        return upload_outcome(self.settings, checkpoint_dir, step, metrics)
 
-        try:
-            result = HuggingFaceUploader(**self.settings).upload_from_checkpoint_dir(checkpoint_dir, step=step,
-                                                                                      metrics=metrics)
-        except Exception as e:  # noqa: BLE001 - reported by the driver; e.g. a corrupt checkpoint
-            # The whole traceback goes to a log file beside the checkpoint (shared storage); the line names it.
-            log = log_traceback(e, name=f"upload_error_step_{step}", where=checkpoint_dir)
-            error = str(e) if isinstance(e, UploadFailedError) else f"{type(e).__name__}: {e}".splitlines()[0]
-            return {"ok": False, "error": error, "marker": getattr(e, "pending_marker", None),
-                    "log": str(log) if log else None}
-        return {"ok": True, "summary": result.summary(), "tag": result.tag, "commit": result.commit_sha}
+
+def upload_outcome(settings: dict[str, Any], checkpoint_dir: str | Path, step: int,
+                   metrics: dict[str, float] | None) -> UploadOutcome:
+    """What the upload actor runs: one upload with ``settings``, its result or failure as an :class:`UploadOutcome`.
+
+    The token comes from ``HF_TOKEN`` (inherited from the driver); it is redacted from the message and traceback.
+    """
+    from utils.hub.uploader import HuggingFaceUploader
+
+    try:
+        result = HuggingFaceUploader(**settings).upload_from_checkpoint_dir(checkpoint_dir, step=step,
+                                                                             metrics=metrics)
+    except Exception as e:  # noqa: BLE001 - reported by the driver; e.g. the Hub is down, a corrupt checkpoint
+        failed = isinstance(e, UploadFailedError)
+        token = os.environ.get("HF_TOKEN")
+        return UploadOutcome(
+            step, "failed", error_class=type(e).__name__,
+            message=e.reason if failed else redact(f"{type(e).__name__}: {e}".splitlines()[0], token),
+            pending_marker=e.pending_marker if failed else None,
+            traceback=redact(traceback.format_exc(), token))
+    return UploadOutcome(step, "uploaded", summary=result.summary(), tag=result.tag, commit=result.commit_sha)
 
 
 class HubUploadCallback(CheckpointCallback):
@@ -143,7 +187,7 @@ class HubUploadCallback(CheckpointCallback):
     def on_step_metrics(self, global_step: int, metrics: dict[str, Any]) -> None:
         """Submit this step's checkpoint (if any) with its metrics; called by the trainer after veRL computes them."""
         if self._unsubmitted is not None and self._unsubmitted[1] == int(global_step):
-            self._submit(*self._unsubmitted, metrics=headline_step_metrics(metrics))
+            self._submit(*self._unsubmitted, metrics=headline_metrics(metrics, limit=None))
             self._unsubmitted = None
 
     # ------------------------------------------------------------------ end of run
@@ -219,7 +263,8 @@ class HubUploadCallback(CheckpointCallback):
         self._bg.submit(step_dir, step, final=final, metrics=metrics)
         _log(f"step {step}: {'final ' if final else ''}upload to {self.settings['repo_id']} queued")
 
-    def _upload_on_rank0_node(self, checkpoint_dir: Path, step: int, metrics: dict[str, float] | None) -> dict:
+    def _upload_on_rank0_node(self, checkpoint_dir: Path, step: int,
+                              metrics: dict[str, float] | None) -> UploadOutcome:
         if self._actor is None:
             options: dict[str, Any] = {}
             if self._node_id:
@@ -227,24 +272,21 @@ class HubUploadCallback(CheckpointCallback):
 
                 options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=self._node_id, soft=False)
             self._actor = _UploadActor.options(**options).remote(self.settings)
-        out = ray.get(self._actor.upload.remote(str(checkpoint_dir), step, metrics))
-        if not out["ok"]:
-            err = UploadFailedError(out["error"], pending_marker=out.get("marker"))
-            err.log = out.get("log")  # type: ignore[attr-defined] - the traceback file, named in the ERROR line
-            raise err
-        return out
+        outcome: UploadOutcome = ray.get(self._actor.upload.remote(str(checkpoint_dir), step, metrics))
+        if outcome.traceback:
+            _log(f"step {step}: upload traceback ({outcome.error_class}):\n{outcome.traceback.rstrip()}", error=True)
+        return outcome.raise_if_failed()
 
     def _report(self, job: UploadJob) -> None:
         if job in self._abandoned:  # stopped by the final wait's limit: _give_up already said so, marker left
             return
         if job.state == "done":
-            _log(f"step {job.step}: uploaded {job.result['summary']}")
+            _log(f"step {job.step}: uploaded {job.result.summary}")
             return
         step_dir = job.checkpoint_dir
-        marker = getattr(job.error, "pending_marker", None)
-        reason = str(job.error).split("; finish it later with:")[0].rstrip(". ")
-        if getattr(job.error, "log", None):
-            reason += f" (details: {job.error.log})"
+        failed = isinstance(job.error, UploadFailedError)
+        marker = job.error.pending_marker if failed else None
+        reason = (job.error.reason if failed else str(job.error)).rstrip(". ")
         if marker:
             _log(f"ERROR step {job.step}: {reason}. upload_pending.json left in {step_dir}; finish the job with: "
                  f"python utils/hf_uploader.py resume {step_dir}", error=True)

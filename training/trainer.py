@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from verl.trainer.main_ppo import TaskRunnerV1
 from verl.trainer.ppo.v1 import PPOTrainerSync, register_trainer
 
-from training.errors import ConfigError
+from training.errors import ConfigError, MissingRewardKeyError
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class ReasoningGymTrainer(PPOTrainerSync):
         for extra in _as_list(data["extra_fields"]):
             info = (extra or {}).get("reward_extra_info", {}) or {}
             if "accuracy" not in info:
-                raise KeyError(
+                raise MissingRewardKeyError(
                     "curriculum.enabled needs the reward function to return an 'accuracy' key per completion "
                     f"(training.rewards.compute_score does); got keys {sorted(info)}"
                 )
@@ -166,7 +166,7 @@ class ReasoningGymTrainer(PPOTrainerSync):
 
     def _save_checkpoint(self) -> None:
         folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
-        # issue 5: lineage (tracking run id, config hash, veRL version) beside the shards, for trainer_state.json
+        # lineage (tracking run id, config hash, veRL version) beside the shards, for trainer_state.json
         from training.hub_resume import write_lineage
 
         write_lineage(self.config, folder)

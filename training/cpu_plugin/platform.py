@@ -6,7 +6,7 @@ which fails on the first CUDA call. This module registers a fourth platform, ``c
 auto-detection picks only when none of the accelerator platforms reports itself available (it is probed
 last), or when ``VERL_PLATFORM=cpu`` forces it. GPU machines therefore keep veRL's platform untouched.
 
-Choices, each fixing a measured failure (see ``shared/reference/verl-0.9.1-on-cpu.md``):
+Choices, each fixing a measured failure:
 
 - backend plain ``gloo``: veRL builds ``cpu:gloo,{device}:{backend}``; ``cpu:gloo`` twice is rejected.
 - Ray resource ``GPU``: veRL's placement groups ask for the platform's resource per worker; Ray is started

@@ -29,18 +29,7 @@ The verbs below are imported on first use, so ``import utils.checkpoint.errors``
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
-__all__ = [
-    "consolidate_checkpoint",
-    "ConsolidationResult",
-    "detect_layout",
-    "find_step_dirs",
-    "latest_step",
-    "consolidate_optimizer",
-    "write_verl_checkpoint",
-]
+from utils._lazy import lazy_exports
 
 _HOME = {
     "consolidate_checkpoint": "consolidate",
@@ -52,8 +41,5 @@ _HOME = {
     "write_verl_checkpoint": "reshard",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _HOME:
-        return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = list(_HOME)
+__getattr__ = lazy_exports(__name__, _HOME)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from utils.checkpoint.errors import (
+    InvalidOptionError,
     MissingKeyError,
     MissingRankFileError,
     OutputExistsError,
@@ -341,7 +342,7 @@ def consolidate_checkpoint(
     """
     t0 = time.perf_counter()
     if weights_format not in WEIGHT_FORMATS:
-        raise ValueError(f"weights_format={weights_format!r}: expected one of {sorted(WEIGHT_FORMATS)}")
+        raise InvalidOptionError(f"weights_format={weights_format!r}: expected one of {sorted(WEIGHT_FORMATS)}")
     dtype = normalize_dtype(dtype)
     parse_size(max_shard_size)
     if lora is not None and lora not in LORA_MODES:

@@ -29,6 +29,8 @@ __all__ = [
     "UnsafePickleError",
     "OutputSpaceError",
     "CheckpointVanishedError",
+    "InvalidOptionError",
+    "ReshardError",
     "RankSourceError",
     "RankFileUnavailableError",
 ]
@@ -123,6 +125,16 @@ class OutputSpaceError(CheckpointError, OSError):
 
 class CheckpointVanishedError(CheckpointError, FileNotFoundError):
     """The checkpoint's files disappeared while they were being read (deleted or moved, e.g. by rotation)."""
+
+
+class InvalidOptionError(CheckpointError, ValueError):
+    """An argument of the engine is not one it supports (weights format, dtype, shard size, output buffer)."""
+
+
+class ReshardError(CheckpointError, ValueError):
+    """The snapshot cannot be turned into veRL shards (missing files, a run directory that already has the step)."""
+
+
 class RankSourceError(CheckpointError, ConnectionError):
     """A holder of rank files (another node's disk, reached through :mod:`utils.checkpoint.sources`) cannot be read."""
 

@@ -30,6 +30,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from utils.checkpoint.errors import (
     CorruptShardError,
+    InvalidOptionError,
     MissingKeyError,
     ReplicaMismatchError,
     ShapeMismatchError,
@@ -191,7 +192,7 @@ def assemble(
     if out is None:
         out = torch.empty(spec.shape, dtype=dtype or spec.dtype)
     elif tuple(out.shape) != spec.shape or out.dtype != (dtype or spec.dtype):
-        raise ValueError(f"{key}: out has {tuple(out.shape)} {out.dtype}, expected {spec.shape} {dtype or spec.dtype}")
+        raise InvalidOptionError(f"{key}: out has {tuple(out.shape)} {out.dtype}, expected {spec.shape} {dtype or spec.dtype}")
     if isinstance(values[0], DTensor):
         _assemble_dtensor(key, values, files, out, release)
         return out

@@ -33,23 +33,19 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from utils.checkpoint.errors import CheckpointError, OptimizerMismatchError
+from utils.checkpoint.errors import OptimizerMismatchError, ReshardError
 from utils.checkpoint.model_config import ExpectedModel, load_expected_model
 from utils.checkpoint.safe_state import check_weights_pickle, rewrite_trainer_state
 from utils.checkpoint.tempdirs import make_owned_temp_dir, remove_owned, sweep_stale, write_text_atomic
 from utils.hub.resume_state import CURRICULUM_FILE, LINEAGE_FILE, RESUME_DIR
 
-__all__ = ["write_verl_checkpoint", "ReshardError", "ConsolidatedWeights", "load_consolidated_weights", "shard_rows"]
+__all__ = ["write_verl_checkpoint", "ReshardError", "ConsolidatedWeights", "shard_rows"]
 
 logger = logging.getLogger(__name__)
 
 # Files of a consolidated folder that are not side files of veRL's actor/huggingface/ folder.
 _NOT_SIDE_FILES = ("pytorch_model", "model.safetensors", "model-", "optimizer.pt", "README.md", "trainer_state.json",
                    "adapter_")
-
-
-class ReshardError(CheckpointError):
-    """The snapshot cannot be turned into veRL shards (missing files, a run directory that already has the step)."""
 
 
 class ConsolidatedWeights:
@@ -93,12 +89,6 @@ class ConsolidatedWeights:
             return sl[:] if not sl.get_shape() else sl[start:stop]
         t = self._bin[key]
         return (t[start:stop] if t.ndim else t).clone()
-
-
-def load_consolidated_weights(folder: Path) -> dict[str, Any]:
-    """Every tensor of a consolidated folder, in memory (for checks and small models; resharding reads rows only)."""
-    w = ConsolidatedWeights(folder)
-    return {k: w.rows(k, 0, w.shape(k)[0] if w.shape(k) else 0) for k in [*w._st, *w._bin]}
 
 
 def shard_rows(n: int, world_size: int, rank: int) -> tuple[int, int]:

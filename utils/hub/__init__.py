@@ -31,19 +31,7 @@ The verbs below are imported on first use, so ``import utils.hub.errors`` stays 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
-__all__ = [
-    "HuggingFaceUploader",
-    "UploadResult",
-    "upload_checkpoint_to_hf",
-    "resume_pending",
-    "verify_upload",
-    "pull_snapshot",
-    "BackgroundUploader",
-    "HubClient",
-]
+from utils._lazy import lazy_exports
 
 _HOME = {
     "HuggingFaceUploader": "uploader",
@@ -56,8 +44,5 @@ _HOME = {
     "HubClient": "client",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _HOME:
-        return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = list(_HOME)
+__getattr__ = lazy_exports(__name__, _HOME)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from utils.hub.errors import UploaderClosedError
+
 __all__ = ["BackgroundUploader", "UploadJob"]
 
 logger = logging.getLogger(__name__)
@@ -82,7 +84,7 @@ class BackgroundUploader:
         job = UploadJob(Path(checkpoint_dir), int(step), final, dict(metrics) if metrics else None)
         with self._cond:
             if self._closed:
-                raise RuntimeError("BackgroundUploader is closed")
+                raise UploaderClosedError("BackgroundUploader is closed")
             self.jobs.append(job)
             old = self._queued
             if old is not None and old.final and not final:

@@ -13,6 +13,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from huggingface_hub import ModelCardData
 
@@ -88,18 +89,37 @@ def framework_versions() -> dict[str, str]:
     return out
 
 
-def headline_metrics(metrics: Mapping[str, float] | None, limit: int = 3) -> dict[str, float]:
-    """The few metrics worth a commit title: rewards/scores/accuracies first, validation before training."""
-    if not metrics:
-        return {}
-    numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+def _metric_kind(key: str) -> int:
+    k = key.lower()
+    return 0 if ("reward" in k or "score" in k) else 1 if ("acc" in k) else 2
 
-    def rank(key: str) -> tuple[int, int, str]:
-        k = key.lower()
-        kind = 0 if ("reward" in k or "score" in k) else 1 if ("acc" in k) else 2
-        return (kind, 0 if k.startswith("val") else 1, key)
 
-    return {k: numeric[k] for k in sorted(numeric, key=rank)[:limit]}
+def headline_metrics(metrics: Mapping[str, Any] | None, limit: int | None = 3) -> dict[str, float]:
+    """The metrics worth a commit title, as floats: rewards/scores first, then accuracies, validation first.
+
+    Args:
+        metrics: A step's metrics (numpy/torch scalars welcome; what ``float()`` refuses is left out).
+        limit: How many, best first (other numeric metrics fill up); ``None``: every reward/score/accuracy metric
+            in its original order (what a training step hands the uploader for its commit, card and marker).
+
+    Example:
+        >>> headline_metrics({"loss": 1.5, "val/acc": 0.75, "critic/score/mean": 0.25}, limit=2)
+        {'critic/score/mean': 0.25, 'val/acc': 0.75}
+        >>> headline_metrics({"loss": 1.5, "val/acc": 0.75, "critic/score/mean": 0.25}, limit=None)
+        {'val/acc': 0.75, 'critic/score/mean': 0.25}
+    """
+    numeric: dict[str, float] = {}
+    for key, value in (metrics or {}).items():
+        if isinstance(value, bool):
+            continue
+        try:
+            numeric[str(key)] = float(value)
+        except (TypeError, ValueError):
+            continue
+    if limit is None:
+        return {k: v for k, v in numeric.items() if _metric_kind(k) < 2}
+    ranked = sorted(numeric, key=lambda k: (_metric_kind(k), 0 if k.lower().startswith("val") else 1, k))
+    return {k: numeric[k] for k in ranked[:limit]}
 
 
 def render_model_card(info: CardInfo) -> str:

@@ -33,6 +33,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils.sha import git_hash
 
 from utils.hub.errors import (
     HubUnreachableError,
@@ -110,7 +111,7 @@ class LocalFile:
     def git_blob_id(self) -> str:
         """Git's blob id of the content (what the Hub reports for regular, non-LFS files)."""
         data = self.content if self.content is not None else Path(self.local_path).read_bytes()
-        return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        return git_hash(data)
 
     def matches(self, remote: RemoteFile | None) -> bool:
         """True when ``remote`` holds exactly these bytes."""
@@ -491,7 +492,7 @@ def local_files(folder: Path, *, prefix: str = "", extra: Mapping[str, bytes] | 
 
     Args:
         folder: A consolidated Hugging Face folder.
-        prefix: Path prefix inside the repo (``""`` for the root; issue 5's namespaces use a subfolder).
+        prefix: Path prefix inside the repo (``""`` for the root; an experiment's namespace is a subfolder).
         extra: Generated files ``{path_in_folder: bytes}`` (e.g. ``README.md``) that do not exist on disk.
         known: ``{path_in_folder: (sha256, operation or None)}`` for files whose digest is already known (computed
             while they were written, :mod:`utils.hub.pipeline`): not read again; the operation (maybe pre-uploaded)

@@ -1,12 +1,12 @@
 """Push one consolidated folder as one step: plan against the remote, commit, tag. Idempotent by construction.
 
-The rules (see DESIGN.md, "Hub"):
+The rules:
 - ``main`` holds the newest step at its root; a step older than the newest one already tagged is committed on a
   short-lived branch (from ``main``), tagged, and the branch deleted, so ``main`` never goes back in time; and
   right before every commit attempt on ``main`` its history is re-read (the attempt names that head as its parent):
   if a newer step of the same namespace landed meanwhile (a concurrent upload, maybe not tagged yet), the stale step
   is re-planned onto a temporary branch and only gets its tag;
-- every upload is tagged ``step-N`` (``<namespace>-step-N`` with a namespace, for issue 5);
+- every upload is tagged ``step-N`` (``<namespace>-step-N`` with a namespace: one experiment per subfolder);
 - weight files of an earlier upload that the new one does not have (e.g. bin -> safetensors, fewer shards) are
   deleted in the same commit; other files someone added by hand are left alone;
 - ``README.md`` is (re)generated only when the remote one is absent or is an unedited card of ours;
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.hub.card import is_generated_card
-from utils.hub.client import HubClient, LocalFile, RemoteFile, local_files
+from utils.hub.client import HubClient, LocalFile, local_files
 from utils.hub.errors import TagConflictError
 
 __all__ = ["PushPlan", "PushOutcome", "plan_push", "execute_push", "tag_for_step", "step_on_main", "MANAGED_PATTERNS",
@@ -319,7 +319,3 @@ def _is_managed(path: str, namespace: str) -> bool:
             return "/" not in rel[len(sub):]
     return "/" not in rel and any(fnmatch.fnmatch(rel, pattern) for pattern in MANAGED_PATTERNS)
 
-
-def remote_matches(files: list[LocalFile], remote: dict[str, RemoteFile]) -> bool:
-    """True when every file of ``files`` is in ``remote`` with the same bytes."""
-    return all(f.matches(remote.get(f.path_in_repo)) for f in files)

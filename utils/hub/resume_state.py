@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.checkpoint.safe_state import rewrite_trainer_state
+from utils.hub.errors import UnsupportedSnapshotError
 from utils.hub.verify import sha256_of
 
 __all__ = ["TRAINER_STATE_FILE", "LINEAGE_FILE", "RESUME_DIR", "FORMAT_VERSION", "stage_resume_files",
@@ -108,7 +109,7 @@ def read_trainer_state(folder: Path) -> dict[str, Any] | None:
         return None
     state = json.loads(path.read_text())
     if int(state.get("format_version", 0)) > FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {state['format_version']} is newer than this code understands "
+        raise UnsupportedSnapshotError(f"{path}: format_version {state['format_version']} is newer than this code understands "
                          f"({FORMAT_VERSION}); update the project to resume from it.")
     return state
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.checkpoint.dtype_names import normalize_dtype
+from utils.checkpoint.layout import find_step_dirs
 from utils.checkpoint.tempdirs import make_owned_temp_dir, remove_owned, sweep_stale
 from utils.hub.card import CURVES_FILE, CardInfo, headline_metrics, render_model_card
 from utils.hub.client import HubClient, PreflightReport, check_repo_id
@@ -37,7 +38,6 @@ from utils.hub.errors import (
 from utils.hub.pending import (
     PendingUpload,
     clear_pending,
-    list_step_dirs,
     step_from_path,
     step_lock,
     write_pending,
@@ -348,7 +348,7 @@ class HuggingFaceUploader:
             staging = make_owned_temp_dir(parent, f"{STAGING_PREFIX}{step}_")
             try:
                 consolidation, known = self._consolidate_and_preupload(checkpoint_dir, staging, step, model_name)
-                if self.strategy == "checkpoint":  # issue 5: what resume needs, hashed, beside the model
+                if self.strategy == "checkpoint":  # what resume needs, hashed, beside the model
                     stage_resume_files(step_dir, staging / "model", step=step, world_size=consolidation.world_size)
                 if (step_dir / CURVES_FILE).is_file():  # drawn by the trainer for this step: uploaded, shown in the card
                     shutil.copyfile(step_dir / CURVES_FILE, staging / "model" / CURVES_FILE)
@@ -423,8 +423,8 @@ class HuggingFaceUploader:
                 options={**self.options(), "metrics": dict(metrics or {}), "base_model": base_model},
                 error=reason)))
         hint = f"; finish it later with: python utils/hf_uploader.py resume {pending_dir}" if marker else ""
-        return UploadFailedError(f"Upload of step {step} to {self.repo_id} failed: {reason}{hint}",
-                                 pending_marker=marker)
+        what = f"Upload of step {step} to {self.repo_id} failed: {reason}"
+        return UploadFailedError(f"{what}{hint}", pending_marker=marker, reason=what)
 
     def _card_fn(self, step, metrics, consolidation, base_model, curves=None):
         def render() -> str:
@@ -535,7 +535,7 @@ class HuggingFaceUploader:
             StepNotFoundError: a requested step has no directory (before anything is uploaded).
             Preflight errors (token, namespace) before anything is uploaded.
         """
-        found = dict(list_step_dirs(Path(run_dir)))
+        found = dict(find_step_dirs(run_dir))
         if steps is not None:
             missing = sorted(set(steps) - set(found))
             if missing:

@@ -4,12 +4,13 @@ the checkpoint, and load it with transformers.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from huggingface_hub.utils.sha import sha_fileobj
 
 from utils.checkpoint.tempdirs import make_owned_temp_dir, remove_owned, sweep_stale
 from utils.hub.client import HubClient
@@ -48,12 +49,9 @@ class VerifyReport:
 
 
 def sha256_of(path: Path, chunk: int = 8 << 20) -> str:
-    """Streamed sha256 of one file."""
-    h = hashlib.sha256()
+    """Streamed sha256 of one file (hex), as the Hub records it for LFS files."""
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return sha_fileobj(f, chunk).hex()
 
 
 def verify_upload(
