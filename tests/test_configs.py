@@ -7,6 +7,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from training.config_checks import check_run_config
+from training.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "training" / "configs"
 SHIPPED = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if not p.name.startswith("_"))
@@ -151,6 +152,14 @@ def test_unknown_keys_and_wrong_types_are_refused_by_hydra_naming_the_key(overri
     with pytest.raises(ConfigCompositionException) as info:
         compose_config("cpu_demo", [override])
     assert key in f"{info.value} {info.value.__cause__}"
+
+
+def test_a_dataset_is_added_to_the_mix_on_the_command_line():
+    cfg = compose_config("cpu_demo", ["+reasoning_gym.datasets.leg_counting.weight=2"])
+    assert cfg.reasoning_gym.datasets.leg_counting.weight == 2
+    check_run_config(cfg)  # a real reasoning-gym dataset: accepted by the pre-Ray checks too
+    with pytest.raises(ConfigError, match="wieght"):  # a typo in an added entry is still named
+        check_run_config(compose_config("cpu_demo", ["+reasoning_gym.datasets.chain_sum.wieght=1"]))
 
 
 def test_bootstrap_from_is_added_on_the_command_line():

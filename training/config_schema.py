@@ -69,7 +69,10 @@ class ReasoningGymConfig:
     val_seed: int | None = None  # None: seed + dataset_size, so no val item repeats a train item
     developer_prompt: str = "DeepSeekZero"  # a key of reasoning_gym.utils.SYSTEM_PROMPTS
     developer_role: str = "system"
-    datasets: dict[str, DatasetEntry] = field(default_factory=dict)
+    # Each value has the fields of DatasetEntry, checked by training.data. Typed as Any on purpose: with
+    # dict[str, DatasetEntry], Hydra's `+reasoning_gym.datasets.NEW.weight=1` first assigns {} to NEW, which
+    # OmegaConf refuses, so a user could not add a dataset from the command line.
+    datasets: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
