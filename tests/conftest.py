@@ -114,7 +114,8 @@ def trained_run(hub_server, e2e_dir):
 @pytest.fixture(scope="session")
 def resumed_run(hub_server, e2e_dir, trained_run):
     """`trained_run` continued to step 3 in place with the Hub down at the end, then `resume`
-    (`shared_runs.resume_with_hub_down`). Tests reading `trained_run`'s step 2 still find it unchanged."""
+    (`shared_runs.resume_with_hub_down`). Tests reading `trained_run`'s step 2 still find it unchanged.
+    veRL also saved its own gathered `huggingface/` model at step 3."""
     from tests.shared_runs import resume_with_hub_down
 
     return resume_with_hub_down(e2e_dir, hub_server, trained_run.extra["ckpt"])
@@ -122,7 +123,7 @@ def resumed_run(hub_server, e2e_dir, trained_run):
 
 @pytest.fixture(scope="session")
 def no_sync_run(e2e_dir):
-    """W=2, 2 steps without weight sync; veRL also saved its gathered `huggingface/` model at step 2."""
+    """W=2, 2 steps without weight sync (a negative control: runs only with VERL_GRPO_E2E_FULL=1)."""
     from tests.shared_runs import train_without_weight_sync
 
     return train_without_weight_sync(e2e_dir)

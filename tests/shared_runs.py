@@ -10,13 +10,14 @@ session and every test that needs it reads its outputs (session fixtures in `tes
   so the training it checks is the same.
 - `resumed_run` -> :func:`resume_with_hub_down`: the same command continued to step 3 in the same directory (veRL
   resumes from step 2) with `strategy=end`, and the Hub taken down right after preflight: the run still exits 0
-  with `upload_pending.json`, then `python utils/hf_uploader.py resume` finishes the upload.
-- `no_sync_run` -> :func:`train_without_weight_sync`: the control for "weight sync is real" (the HF rollout's sync
-  switched off), which also asks veRL to save its own gathered `huggingface/` model: the independent ground truth
-  for consolidating a checkpoint the real trainer wrote.
+  with `upload_pending.json`, then `python utils/hf_uploader.py resume` finishes the upload. veRL also saves its
+  own gathered `huggingface/` model at step 3: the independent ground truth for consolidating a checkpoint the
+  real trainer wrote.
+- `no_sync_run` -> :func:`train_without_weight_sync` (only with VERL_GRPO_E2E_FULL=1): the negative control for
+  "weight sync is real" (the HF rollout's sync switched off: the rollout then lags the actor).
 
 New end-to-end tests should take one of these fixtures (a finished W=2 checkpoint with two steps, its Hub repo,
-the veRL-gathered reference model) before adding a run of their own; a new run belongs here, as a session fixture,
+the veRL-gathered reference model at step 3) before adding a run of their own; a new run belongs here, as a session fixture,
 only when no existing run can honestly prove the same thing. Use :func:`run_train` for it.
 """
 
@@ -157,7 +158,12 @@ def resume_with_hub_down(tmp: Path, hub_server, ckpt: Path) -> TrainRun:
             f"trainer.default_local_dir={ckpt}", "hf_upload.enabled=true", f"hf_upload.repo_id={END_REPO}",
             "hf_upload.strategy=end",
             "hf_upload.resume=never",  # explicit: the Hub goes down right after preflight, before resume would look
+            # veRL also gathers the full state dict itself and saves it with save_pretrained (fp32, as trained) at
+            # step 3: the independent ground truth for consolidating a checkpoint the real trainer wrote
+            "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]",
+            "actor_rollout_ref.actor.checkpoint.load_contents=[model,optimizer,extra]",
         ], env=env, on_line=down_after_preflight)
+        run.extra["ckpt"] = ckpt
         run.extra["pending_after_run"] = sorted(p.relative_to(ckpt).as_posix()
                                                 for p in ckpt.rglob("upload_pending.json"))
         run.extra["was_down"] = not hub_server.is_up
@@ -171,14 +177,11 @@ def resume_with_hub_down(tmp: Path, hub_server, ckpt: Path) -> TrainRun:
 
 
 def train_without_weight_sync(tmp: Path) -> TrainRun:
-    """2 steps at W=2 with the HF rollout's weight sync off; veRL also saves its gathered `huggingface/` model."""
+    """2 steps at W=2 with the HF rollout's weight sync off."""
     ckpt = tmp / "ckpt_no_sync"
     run = run_train(tmp, "no_sync", [
         *SMALL, "trainer.save_freq=2", f"trainer.default_local_dir={ckpt}", "trainer.total_training_steps=2",
         "actor_rollout_ref.rollout.engine_kwargs.hf.sync_weights=false",
-        # veRL gathers the full state dict itself and saves it with save_pretrained (fp32, as trained)
-        "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]",
-        "actor_rollout_ref.actor.checkpoint.load_contents=[model,optimizer,extra]",
     ])
     run.extra["ckpt"] = ckpt
     return run
