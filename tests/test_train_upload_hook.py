@@ -118,7 +118,7 @@ def test_the_actor_body_returns_typed_outcomes_for_success_and_a_dead_hub(fsdp_c
     """What `_UploadActor.upload` runs, without Ray: a real upload, then one with the Hub down (marker, no token)."""
     import shutil
 
-    from training.hub_upload_hook import upload_outcome
+    from training.upload_actor import upload_outcome
 
     token = "hf_alice_local_token"
     monkeypatch.setenv("HF_TOKEN", token)

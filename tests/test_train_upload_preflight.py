@@ -49,6 +49,7 @@ def failed_runs(hub_server, tmp_path_factory):
     return tmp, out
 
 
+@pytest.mark.slow  # train_grpo.py subprocesses (~25 s, shared by the two tests)
 @pytest.mark.parametrize("case", list(CASES))
 def test_preflight_failure_stops_the_run_before_ray(failed_runs, case):
     _, out = failed_runs
@@ -60,6 +61,7 @@ def test_preflight_failure_stops_the_run_before_ray(failed_runs, case):
     assert "ray init kwargs" not in log and "Started a local Ray instance" not in log and "TaskRunner" not in log
 
 
+@pytest.mark.slow
 def test_a_token_on_the_command_line_is_never_saved_or_printed(failed_runs):
     tmp, out = failed_runs
     assert MARKER not in out["bad_token"][1]
