@@ -33,6 +33,7 @@ import ray
 from omegaconf import open_dict
 from verl.trainer.ppo.checkpoint_callback import CheckpointCallback
 
+from training.config_schema import section_defaults
 from training.hub_upload import uploader_settings
 from training.upload_actor import UploadOutcome, _UploadActor
 from utils.hub.background import BackgroundUploader, UploadJob
@@ -42,7 +43,6 @@ from utils.hub.errors import UploadFailedError
 __all__ = ["HubUploadCallback", "PROGRESS_EVERY_S"]
 
 PROGRESS_EVERY_S = 15.0
-DEFAULT_FINAL_WAIT_S = 10800.0  # hf_upload.final_wait_timeout when unset: 3 h for the last upload
 
 
 def _log(msg: str, *, error: bool = False) -> None:
@@ -63,7 +63,8 @@ class HubUploadCallback(CheckpointCallback):
         self.strategy = self.settings["strategy"]
         self.fail_on_error = bool(config.hf_upload.get("fail_on_error", False))
         wait = config.hf_upload.get("final_wait_timeout", None)
-        self.final_wait_timeout = float(wait) if wait is not None else DEFAULT_FINAL_WAIT_S
+        # unset only in a config built without the typed section: its default is written once, in config_schema
+        self.final_wait_timeout = float(wait if wait is not None else section_defaults("hf_upload")["final_wait_timeout"])
         self.keep: int | None = None
         self._saved: list[Path] = []  # this run's step dirs still holding actor shards, oldest first
         self._unsubmitted: tuple[Path, int, bool] | None = None  # saved, waiting for the step's metrics
