@@ -3,7 +3,8 @@
 The real runs are shared with the other end-to-end tests (`tests/shared_runs.py`, session fixtures):
 - `trained_run`: 2 GRPO steps with the curriculum on, a checkpoint at every step (rotation keeps step 2's shards;
   its Hub upload is checked in test_train_upload_e2e.py);
-- `resumed_run`: the same command with 3 steps: it loads the step-2 checkpoint and trains step 3 only;
+- `resumed_run`: the same command at world size 3 in a fresh directory, with 3 steps: it pulls the step-2
+  snapshot from the Hub (test_hub_resume_e2e.py checks that part), veRL loads it and trains step 3 only.
   It also asks veRL to save its own gathered `huggingface/` model at step 3, the independent ground truth for
   consolidating a checkpoint the real trainer wrote;
 - `no_sync_run` (VERL_GRPO_E2E_FULL=1 only: a third minute-long Ray run): 2 steps with the HF rollout's weight sync
@@ -38,7 +39,7 @@ def test_two_grpo_steps_write_verls_fsdp2_checkpoint(trained_run):
     assert sorted(trained_run.steps) == [1, 2]
     # a save at each step; rotation (max_actor_ckpt_to_keep=1) removed step 1's shards once its upload read them
     assert trained_run.extra["listing"] == ["global_step_1", "global_step_2", "latest_checkpointed_iteration.txt"]
-    # .hf_upload.lock: the (empty) lock the every_save upload of that step held (utils/hub/pending.step_lock)
+    # .hf_upload.lock: the (empty) lock the upload of that step held (utils/hub/pending.step_lock)
     assert sorted(p.name for p in (ckpt / "global_step_1").iterdir()) == [
         ".hf_upload.lock",
         "curriculum_state.json",
@@ -66,21 +67,22 @@ def test_two_grpo_steps_write_verls_fsdp2_checkpoint(trained_run):
     assert type(some).__name__ == "DTensor" and some.device_mesh.size() == 2
 
 
-def test_restart_resumes_from_the_checkpoint_and_continues_at_step_3(trained_run, resumed_run):
-    ckpt = trained_run.extra["ckpt"]
+def test_restart_resumes_from_the_checkpoint_and_continues_at_step_3(resumed_run):
+    ckpt = resumed_run.extra["ckpt"]
     assert sorted(resumed_run.steps) == [3]  # steps 1-2 were not retrained
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
-    assert (ckpt / "global_step_3" / "actor" / "model_world_size_2_rank_1.pt").is_file()
+    assert (ckpt / "global_step_3" / "actor" / "model_world_size_3_rank_2.pt").is_file()
     log = resumed_run.log
     assert "Resuming from" in log and "global_step_2" in log
 
 
 def test_curriculum_state_is_saved_with_each_checkpoint(trained_run, resumed_run):
-    for step in (2, 3):
-        state = json.loads((trained_run.extra["ckpt"] / f"global_step_{step}" / "curriculum_state.json").read_text())
+    # step 2 in the first run's folder; step 3 in the resumed run's, its window restored from the Hub snapshot
+    for step, ckpt in ((2, trained_run.extra["ckpt"]), (3, resumed_run.extra["ckpt"])):
+        state = json.loads((ckpt / f"global_step_{step}" / "curriculum_state.json").read_text())
         assert state["levels"] == {"chain_sum": {"num_terms": 0, "num_digits": 0}}
-        # every completion of every step so far went into the window (4 prompts x 4 samples per step)
-        assert len(state["windows"]["chain_sum"]) == 16 * step
+        # every completion of every step so far went into the window (6 prompts x 4 samples per step)
+        assert len(state["windows"]["chain_sum"]) == shared_runs.SEQS_PER_STEP * step
     assert trained_run.steps[2]["curriculum/chain_sum/level"] == 0.0
 
 
@@ -134,4 +136,4 @@ def test_consolidating_the_trainers_checkpoint_equals_verls_own_gathered_model(r
     assert sorted(optim["state"]) == sorted(trained)
     for name, state in optim["state"].items():
         assert state["exp_avg"].shape == trained[name].shape, name
-        assert float(state["step"]) == 3.0, name  # three optimizer steps: two, then one after the restart
+        assert float(state["step"]) == 3.0, name  # three optimizer steps: two, then one after the resume
