@@ -323,7 +323,8 @@ def _start_ranks(worker, args: argparse.Namespace) -> None:
 
     if not args.load_optimizer:
         Path(args.out_root).mkdir(parents=True, exist_ok=True)
-    multiprocessing.set_forkserver_preload(_PRELOAD)
+    # (run as `python -m tests.fsdp_writer`, this module is __main__: the server must not import it a second time)
+    multiprocessing.set_forkserver_preload(_PRELOAD if __name__ != "__main__" else _PRELOAD[:-1])
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(worker, args=(args, os.path.join(tmp, "init")), nprocs=args.world_size,
                            start_method="forkserver")
