@@ -37,8 +37,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
 PRESETS = {
     # Sharded dims 101, 35, 37, 32, 16: uneven for W = 2, 3 and 4 (and some even ones, too).
     "tiny": dict(vocab_size=101, hidden_size=35, head_dim=8, num_attention_heads=4, num_key_value_heads=2,
