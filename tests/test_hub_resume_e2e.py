@@ -65,7 +65,8 @@ def test_fresh_run_resumes_from_the_hub_at_another_world_size(runs, world):
     actor = local / f"global_step_{last - 1}" / "actor"  # the resharded checkpoint veRL loaded
     assert sorted(p.name for p in actor.glob("model_world_size_*")) == \
         [f"model_world_size_{world}_rank_{r}.pt" for r in range(world)]
-    assert (local / f"global_step_{last}" / "actor" / f"model_world_size_{world}_rank_0.pt").is_file()
+    assert (local / f"global_step_{last}" / "actor" / f"model_world_size_{world}_rank_{world - 1}.pt").is_file()
+    assert (local / "latest_checkpointed_iteration.txt").read_text().strip() == str(last)
 
     # the lr schedule continues: veRL's saved scheduler has stepped once per step so far (a restart would say 1)
     for rank in range(world):
