@@ -50,6 +50,11 @@ SMALL = [
     "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=8",
     "reasoning_gym.val_size=4",
     "data.val_batch_size=4",
+    # plumbing runs: the random tiny model (no warm-up build), no validation, veRL's console lines (parsed below)
+    "actor_rollout_ref.model.path=tiny://qwen2",
+    "trainer.val_before_train=false",
+    "trainer.test_freq=-1",
+    "trainer.logger=[console]",
 ]
 # The shared runs: 6 prompts x 4 samples = 24 sequences, divisible by world sizes 1, 2 and 3 (micro batches of 4).
 # No lr warmup: veRL's warmup gives the FIRST update lr 0, and then the step-2 weight-sync check could not tell a

@@ -90,14 +90,15 @@ def test_hf_upload_enabled_is_a_plain_override(name):
 
 def test_cpu_demo_is_the_cpu_setup():
     cfg = compose_config("cpu_demo")
-    assert cfg.actor_rollout_ref.model.path == "tiny://qwen2"
+    assert cfg.actor_rollout_ref.model.path == "tiny://qwen2-warm"
     assert cfg.actor_rollout_ref.rollout.name == "hf"
     assert cfg.trainer.n_gpus_per_node == 2 and cfg.trainer.nnodes == 1
     assert cfg.ray_kwargs.ray_init.num_gpus == 2  # logical GPUs: one slot per FSDP rank
     assert cfg.transfer_queue.backend.SimpleStorage.num_data_storage_units == 1
     assert cfg.actor_rollout_ref.model.override_config.attn_implementation == "sdpa"
     assert cfg.actor_rollout_ref.actor.use_torch_compile is False
-    assert cfg.trainer.logger == ["console"]
+    assert cfg.trainer.logger == ["file"]  # metrics.jsonl + one progress line per step, not veRL's console dump
+    assert cfg.trainer.val_before_train is True and cfg.trainer.test_freq > 0
     assert str(cfg.trainer.default_local_dir).startswith("outputs/")
 
 

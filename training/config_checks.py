@@ -28,7 +28,7 @@ from training.errors import ConfigError
 
 __all__ = ["TINY_MODEL_PATHS", "check_run_config"]
 
-TINY_MODEL_PATHS = ("tiny://qwen2",)
+TINY_MODEL_PATHS = ("tiny://qwen2", "tiny://qwen2-warm")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

@@ -71,7 +71,9 @@ def uploader_settings(cfg: Any) -> dict[str, Any]:
     datasets = _get(cfg, "reasoning_gym.datasets", {}) or {}
     card_info: dict[str, Any] = {
         "datasets": {str(name): float((spec or {}).get("weight", 1.0)) for name, spec in datasets.items()},
+        "dataset_configs": {str(name): _plain((spec or {}).get("config") or {}) for name, spec in datasets.items()},
         "extra": {"experiment": str(_get(cfg, "trainer.experiment_name", ""))},
+        "max_new_tokens": int(_get(cfg, "data.max_response_length", 64)),
     }
     base_model = str(_get(cfg, "actor_rollout_ref.model.path", "") or "")
     if base_model and not base_model.startswith("tiny://") and not base_model.startswith("/"):
@@ -93,6 +95,29 @@ def uploader_settings(cfg: Any) -> dict[str, Any]:
         "request_timeout": float(hf.request_timeout) if hf.request_timeout else None,
         "card_info": card_info,
     }
+
+
+def _plain(node: Any) -> Any:
+    try:
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    except ImportError:  # pragma: no cover - omegaconf comes with hydra
+        return node
+
+
+def prompt_example(cfg: Any) -> dict[str, str]:
+    """The run's system prompt and one val question, for the card's load-and-generate snippet (best effort)."""
+    rg = _get(cfg, "reasoning_gym", None)
+    if rg is None:
+        return {}
+    try:
+        from training.data import build_reasoning_gym_dataset, system_prompt
+
+        return {"system_prompt": system_prompt(rg), "example_question": build_reasoning_gym_dataset(rg, "val")[0]["question"]}
+    except Exception as e:  # noqa: BLE001 - a card without an example question is still a card
+        logger.debug("no example question for the model card: %s", e)
+        return {}
 
 
 def uploader_from_config(cfg: Any, *, token: str | None = None, **overrides: Any) -> HuggingFaceUploader:

@@ -23,6 +23,7 @@ veRL 0.9.1's V1 trainer builds ``trainer.checkpoint_callback_class`` on the driv
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -34,7 +35,7 @@ from omegaconf import open_dict
 from verl.trainer.ppo.checkpoint_callback import CheckpointCallback
 
 from training.config_schema import section_defaults
-from training.hub_upload import uploader_settings
+from training.hub_upload import prompt_example, uploader_settings
 from training.upload_actor import UploadOutcome, _UploadActor
 from utils.hub.background import BackgroundUploader, UploadJob
 from utils.hub.card import headline_metrics
@@ -60,6 +61,9 @@ class HubUploadCallback(CheckpointCallback):
     def __init__(self, config: Any = None):
         super().__init__(config)
         self.settings = {**uploader_settings(config), "progress": False}
+        # the card's generate snippet: the run's system prompt and a val question (imports the data module, so
+        # here in the TaskRunner, not in the driver's preflight)
+        self.settings["card_info"] = {**self.settings["card_info"], **prompt_example(config)}
         self.strategy = self.settings["strategy"]
         self.fail_on_error = bool(config.hf_upload.get("fail_on_error", False))
         wait = config.hf_upload.get("final_wait_timeout", None)
@@ -113,7 +117,9 @@ class HubUploadCallback(CheckpointCallback):
     def on_step_metrics(self, global_step: int, metrics: dict[str, Any]) -> None:
         """Submit this step's checkpoint (if any) with its metrics; called by the trainer after veRL computes them."""
         if self._unsubmitted is not None and self._unsubmitted[1] == int(global_step):
-            self._submit(*self._unsubmitted, metrics=headline_metrics(metrics, limit=None))
+            step_dir = self._unsubmitted[0]
+            card = _curves_beside_checkpoint(step_dir, int(global_step), metrics)
+            self._submit(*self._unsubmitted, metrics={**headline_metrics(metrics, limit=None), **card})
             self._unsubmitted = None
 
     # ------------------------------------------------------------------ end of run
@@ -240,6 +246,21 @@ class HubUploadCallback(CheckpointCallback):
                      error=True)
                 continue
             self._saved.remove(step_dir)
+
+
+def _curves_beside_checkpoint(step_dir: Path, step: int, metrics: dict[str, Any]) -> dict[str, float]:
+    """Draw the run's curves up to ``step`` into ``step_dir/training_curves.png`` (the uploader puts it beside the
+    model and the card shows it); return the card's result metrics. Best effort: a plot never blocks an upload."""
+    log = os.environ.get("VERL_FILE_LOGGER_PATH")  # set by ReasoningGymTrainer when trainer.logger has `file`
+    if not log:
+        return {}
+    try:
+        from training.report import CURVES_FILE, curves_for_step
+
+        return curves_for_step(log, step, metrics, step_dir / CURVES_FILE)
+    except Exception as e:  # noqa: BLE001 - the upload goes ahead without the picture
+        _log(f"step {step}: training curves not drawn ({type(e).__name__}: {e})", error=True)
+        return {}
 
 
 def _rank0_node_id(trainer: Any) -> str | None:

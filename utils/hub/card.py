@@ -91,7 +91,7 @@ def framework_versions() -> dict[str, str]:
 
 def _metric_kind(key: str) -> int:
     k = key.lower()
-    return 0 if ("reward" in k or "score" in k) else 1 if ("acc" in k) else 2
+    return 0 if ("reward" in k or "score" in k) else 1 if ("acc" in k or "exact" in k) else 2
 
 
 def headline_metrics(metrics: Mapping[str, Any] | None, limit: int | None = 3) -> dict[str, float]:
