@@ -40,6 +40,20 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Every test run is plumbing: the random tiny model (no warm-up build), no validation, veRL's console lines (parsed
+# below), and what makes the random model move from the first update (the weight-sync checks need it): dense
+# partial credit (exact answers alone are all 0: no advantage, no gradient) and a large step (the demo's warm model
+# takes 3e-4 and KL 0.01).
+PLUMBING = [
+    "actor_rollout_ref.model.path=tiny://qwen2",
+    "trainer.val_before_train=false",
+    "trainer.test_freq=-1",
+    "trainer.logger=[console]",
+    "actor_rollout_ref.actor.optim.lr=3e-3",
+    "actor_rollout_ref.actor.kl_loss_coef=0.001",
+    "reward.custom_reward_function.reward_kwargs.secondary_rewards=[{name:format,scaling_factor:0.2},"
+    "{name:partial,scaling_factor:0.5}]",
+]
 # 4 prompts x 4 samples = 8 sequences per rank at W=2: micro batches must divide that. Each run sets its save_freq.
 # (The LoRA and entry-point tests use it; the shared runs use SHARED below.)
 SMALL = [
@@ -50,11 +64,7 @@ SMALL = [
     "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=8",
     "reasoning_gym.val_size=4",
     "data.val_batch_size=4",
-    # plumbing runs: the random tiny model (no warm-up build), no validation, veRL's console lines (parsed below)
-    "actor_rollout_ref.model.path=tiny://qwen2",
-    "trainer.val_before_train=false",
-    "trainer.test_freq=-1",
-    "trainer.logger=[console]",
+    *PLUMBING,
 ]
 # The shared runs: 6 prompts x 4 samples = 24 sequences, divisible by world sizes 1, 2 and 3 (micro batches of 4).
 # No lr warmup: veRL's warmup gives the FIRST update lr 0, and then the step-2 weight-sync check could not tell a
@@ -69,6 +79,7 @@ SHARED = [
     "reasoning_gym.val_size=4",
     "data.val_batch_size=4",
     "trainer.save_freq=1",
+    *PLUMBING,
 ]
 SEQS_PER_STEP = 6 * 4
 CURRICULUM = [
