@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from verl.trainer.main_ppo import TaskRunnerV1
 from verl.trainer.ppo.v1 import PPOTrainerSync, register_trainer
 
+from training.config_checks import TINY_MODEL_PATHS
 from training.errors import ConfigError, MissingRewardKeyError
 from training.progress import ProgressLine, val_exact
 
@@ -39,11 +40,8 @@ TRAINER_MODE = "rg_sync"
 TINY_MODEL_SCHEME = "tiny://"
 CURRICULUM_STATE_FILE = "curriculum_state.json"
 
-__all__ = ["GRPOTaskRunner", "ReasoningGymTrainer", "TINY_MODELS", "TRAINER_MODE", "metric_log_path", "prepare_config",
+__all__ = ["GRPOTaskRunner", "ReasoningGymTrainer", "TRAINER_MODE", "metric_log_path", "prepare_config",
            "resolve_model_path"]
-
-
-TINY_MODELS = ("tiny://qwen2", "tiny://qwen2-warm")
 
 
 def resolve_model_path(path: str, *, cache_dir: str | None = None) -> str:
@@ -66,8 +64,8 @@ def resolve_model_path(path: str, *, cache_dir: str | None = None) -> str:
     """
     if not str(path).startswith(TINY_MODEL_SCHEME):
         return path
-    if path not in TINY_MODELS:
-        raise ConfigError(f"actor_rollout_ref.model.path={path!r}: unknown tiny model; use one of {list(TINY_MODELS)}")
+    if path not in TINY_MODEL_PATHS:
+        raise ConfigError(f"actor_rollout_ref.model.path={path!r}: unknown tiny model; use one of {list(TINY_MODEL_PATHS)}")
     if path == "tiny://qwen2-warm":
         from training.warm_model import ensure_warm_model
 
