@@ -201,7 +201,10 @@ def _results_section(step: int, metrics: Mapping[str, float], curves: str | None
     if rows:
         start = metrics.get("val_start_step")
         first = f"step {int(start)}" if start is not None else "start"
-        lines += ["## Results", "", "Exact-answer accuracy on the validation split (greedy decoding):", "",
+        # `val_samples`: the N of veRL's `mean@N` (training.report.card_metrics); N > 1 means sampled answers
+        samples = int(metrics.get("val_samples") or 1)
+        decoding = "greedy decoding" if samples == 1 else f"mean of {samples} sampled answers per question"
+        lines += ["## Results", "", f"Exact-answer accuracy on the validation split ({decoding}):", "",
                   f"| task | {first} | step {step} | change |", "|---|---|---|---|"]
         for task, row in sorted(rows.items()):
             before, now = row.get("start"), row.get("now")
