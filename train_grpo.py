@@ -27,6 +27,7 @@ from training.hub_resume import ResumeError, resume_from_hub
 from training.hub_upload import setup_hub_upload
 from training.hydra_token import with_redaction_callback
 from training.ray_cluster import configure_ray
+from training.verl_config_path import with_verl_config_searchpath
 from utils.checkpoint.errors import CheckpointError
 from utils.hub.errors import HubUploadError
 
@@ -47,9 +48,9 @@ def main(cfg: DictConfig) -> None:
         print(f"hf_upload error: {e}", file=sys.stderr)
         sys.exit(2)
 
-    # veRL's trainer and Ray's cluster start only after the checks, so a bad config never pays for them. (Hydra has
-    # already imported the verl package to read its ppo_trainer.yaml; the checks themselves need neither veRL nor Ray:
-    # tests/test_architecture.py runs them with both blocked.)
+    # veRL's trainer and Ray's cluster start only after the checks, so a bad config never pays for them. (Hydra read
+    # veRL's ppo_trainer.yaml by file path, training/verl_config_path.py, so veRL is first imported here; the checks
+    # need neither veRL nor Ray: tests/test_architecture.py runs them with both blocked.)
     from verl.trainer.main_ppo import run_ppo
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
@@ -73,4 +74,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv = with_redaction_callback(sys.argv)  # a Hub token never reaches .hydra/*.yaml, whatever the config
+    sys.argv = with_verl_config_searchpath(sys.argv)  # compose without importing veRL: config errors in seconds
     main()

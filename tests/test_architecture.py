@@ -1,6 +1,7 @@
 """The layering rule: `utils/` never imports `training/`, verl, ray or reasoning_gym."""
 
 import ast
+import os
 import pathlib
 import subprocess
 import sys
@@ -62,6 +63,22 @@ def test_the_pre_ray_checks_import_and_run_with_verl_and_ray_blocked():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "end ['ray', 'verl']", out.stdout + out.stderr
+
+
+def test_a_bad_config_fails_in_train_grpo_without_importing_verl(tmp_path):
+    """The whole entry point up to the config error - Hydra's composition on veRL's ppo_trainer.yaml included
+    (training/verl_config_path.py) - runs with veRL and Ray blocked: a misspelt task costs seconds, not veRL's import.
+    """
+    code = (
+        "import runpy, sys\n"
+        "sys.modules['verl'] = None; sys.modules['ray'] = None\n"
+        f"sys.argv = ['train_grpo.py', 'hydra.run.dir={tmp_path}', '+reasoning_gym.datasets.no_such_task.weight=1']\n"
+        f"runpy.run_path({str(ROOT / 'train_grpo.py')!r}, run_name='__main__')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "config error: reasoning_gym.datasets.no_such_task" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_console_scripts_point_at_the_two_clis():

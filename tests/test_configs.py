@@ -207,3 +207,23 @@ def test_cpu_lora_variant_keeps_the_cpu_setup_and_its_own_checkpoint_dir():
     cfg = compose_config("cpu_demo", ["+lora=cpu"])
     assert cfg.actor_rollout_ref.rollout.name == "hf" and cfg.trainer.n_gpus_per_node == 2
     assert str(cfg.trainer.default_local_dir) == "outputs/cpu_demo_lora/checkpoints"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_verls_config_folder_by_file_path_composes_the_same_config(name):
+    """train_grpo.py swaps the configs' `pkg://verl.trainer.config` for that folder's file path (no veRL import):
+    the composed config must be the one the `pkg://` path gives, key for key."""
+    from training.verl_config_path import verl_config_dir, with_verl_config_searchpath
+
+    override = with_verl_config_searchpath(["train_grpo.py"])[-1]
+    assert override == f"hydra.searchpath=[file://{verl_config_dir()}]"
+    by_file = OmegaConf.to_container(compose_config(name, [override]))
+    by_package = OmegaConf.to_container(compose_config(name))
+    assert by_file == by_package
+
+
+def test_a_search_path_or_config_dir_on_the_command_line_is_left_alone():
+    from training.verl_config_path import with_verl_config_searchpath
+
+    for argv in (["t.py", "hydra.searchpath=[pkg://x]"], ["t.py", "--config-dir", "/c"], ["t.py", "-cd", "/c"]):
+        assert with_verl_config_searchpath(argv) == argv
