@@ -201,6 +201,7 @@ def resume_from_the_hub(tmp: Path, hub_server, world: int = 3, *, steps: int = 3
         run = run_train(tmp, f"resumed_w{world}", [
             *SHARED, *CURRICULUM, *HUB, f"trainer.total_training_steps={steps}", f"trainer.n_gpus_per_node={world}",
             f"trainer.default_local_dir={ckpt}",
+            "hf_upload.max_attempts=2",  # step 3's upload meets a Hub that is down: one retry, not three (~10 s)
             # veRL also gathers the full state dict itself and saves it with save_pretrained (fp32, as trained) at
             # step 3: the independent ground truth for consolidating a checkpoint the real trainer wrote
             "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]",

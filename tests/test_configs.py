@@ -29,6 +29,7 @@ HF_UPLOAD_DISABLED = {
     "namespace": None,
     "resume": "auto",
     "request_timeout": 120,
+    "max_attempts": 4,
     "final_wait_timeout": 10800,
     "lora": "adapter",
 }

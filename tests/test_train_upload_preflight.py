@@ -110,3 +110,15 @@ def test_unknown_key_and_a_foreign_callback_are_refused(hub, monkeypatch):
     cfg.trainer.checkpoint_callback_class = "my.Callback"
     with pytest.raises(InvalidUploadConfigError, match="checkpoint_callback_class='my.Callback'"):
         setup_hub_upload(cfg)
+
+
+def test_max_attempts_reaches_the_uploader_and_zero_is_refused_before_any_hub_call(hub, monkeypatch):
+    from training.hub_upload import uploader_from_config
+
+    monkeypatch.setenv("HF_TOKEN", hub.token_for("alice"))
+    assert uploader_from_config(_cfg(repo_id="alice/x", max_attempts=2)).client.max_attempts == 2
+    assert uploader_from_config(_cfg(repo_id="alice/x")).client.max_attempts == 4  # the schema's default
+    hub.reset_counters()
+    with pytest.raises(InvalidUploadConfigError, match=r"hf_upload.max_attempts=0: give at least 1"):
+        setup_hub_upload(_cfg(repo_id="alice/x", max_attempts=0))
+    assert hub.requests.total() == 0

@@ -119,6 +119,7 @@ class HfUploadConfig:
     resume: str = "auto"  # auto | required | never (with strategy=checkpoint)
     lora: str = "adapter"  # LoRA runs: adapter (PEFT folder) | merged | both
     request_timeout: float = 120.0  # s one Hub request may stall (connect 10 s) before it fails and is retried
+    max_attempts: int = 4  # tries of each Hub commit or read (backoff 2 s, doubling, jittered) before an upload fails
     final_wait_timeout: float = 10800.0  # s the run waits for its last upload; then upload_pending.json is left
 
 

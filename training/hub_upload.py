@@ -93,8 +93,15 @@ def uploader_settings(cfg: Any) -> dict[str, Any]:
         "strategy": hf.strategy,
         "namespace": hf.namespace or "",
         "request_timeout": float(hf.request_timeout) if hf.request_timeout else None,
+        "max_attempts": _positive(hf.max_attempts, "hf_upload.max_attempts"),
         "card_info": card_info,
     }
+
+
+def _positive(value: Any, key: str) -> int:
+    if int(value) < 1:
+        raise InvalidUploadConfigError(f"{key}={value}: give at least 1 (1 = no retry; the default is 4)")
+    return int(value)
 
 
 def _plain(node: Any) -> Any:
