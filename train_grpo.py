@@ -27,12 +27,14 @@ from training.hub_resume import ResumeError, resume_from_hub
 from training.hub_upload import setup_hub_upload
 from training.hydra_token import with_redaction_callback
 from training.ray_cluster import configure_ray
-from training.verl_config_path import with_verl_config_searchpath
+from training.verl_config_path import CONFIG_DIR, with_verl_config_searchpath
 from utils.checkpoint.errors import CheckpointError
 from utils.hub.errors import HubUploadError
 
+CONFIG_NAME = "cpu_demo"  # the default of `python train_grpo.py`
 
-@hydra.main(config_path="training/configs", config_name="cpu_demo", version_base=None)
+
+@hydra.main(config_path="training/configs", config_name=CONFIG_NAME, version_base=None)
 def main(cfg: DictConfig) -> None:
     try:
         apply_schema(cfg)  # typed sections for a config that does not list grpo_sections (shipped ones do)
@@ -74,5 +76,6 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv = with_redaction_callback(sys.argv)  # a Hub token never reaches .hydra/*.yaml, whatever the config
-    sys.argv = with_verl_config_searchpath(sys.argv)  # compose without importing veRL: config errors in seconds
+    # compose without importing veRL: config errors in seconds
+    sys.argv = with_verl_config_searchpath(sys.argv, CONFIG_DIR, CONFIG_NAME)
     main()

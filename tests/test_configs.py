@@ -216,15 +216,20 @@ def test_verls_config_folder_by_file_path_composes_the_same_config(name):
     the composed config must be the one the `pkg://` path gives, key for key."""
     from training.verl_config_path import verl_config_dir, with_verl_config_searchpath
 
-    override = with_verl_config_searchpath(["train_grpo.py"])[-1]
+    override = with_verl_config_searchpath(["train_grpo.py", "--config-name", name], CONFIG_DIR, "cpu_demo")[-1]
     assert override == f"hydra.searchpath=[file://{verl_config_dir()}]"
     by_file = OmegaConf.to_container(compose_config(name, [override]))
     by_package = OmegaConf.to_container(compose_config(name))
     assert by_file == by_package
 
 
-def test_a_search_path_or_config_dir_on_the_command_line_is_left_alone():
-    from training.verl_config_path import with_verl_config_searchpath
+def test_other_search_path_entries_are_kept_and_explicit_settings_left_alone(tmp_path):
+    from training.verl_config_path import verl_config_dir, with_verl_config_searchpath
 
-    for argv in (["t.py", "hydra.searchpath=[pkg://x]"], ["t.py", "--config-dir", "/c"], ["t.py", "-cd", "/c"]):
-        assert with_verl_config_searchpath(argv) == argv
+    (tmp_path / "mine.yaml").write_text("hydra:\n  searchpath: [file:///my/configs, pkg://verl.trainer.config]\n")
+    (tmp_path / "plain.yaml").write_text("hydra:\n  searchpath: [file:///my/configs]\n")
+    assert with_verl_config_searchpath(["t.py", "-cn", "mine"], tmp_path, "plain")[-1] == \
+        f"hydra.searchpath=[file:///my/configs,file://{verl_config_dir()}]"
+    for argv in (["t.py"], ["t.py", "--config-name=nope"], ["t.py", "-cn", "mine", "hydra.searchpath=[pkg://x]"],
+                 ["t.py", "-cn", "mine", "--config-dir", "/c"], ["t.py", "-cn", "mine", "-cp", "/c"]):
+        assert with_verl_config_searchpath(argv, tmp_path, "plain") == argv
