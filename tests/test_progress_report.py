@@ -165,7 +165,7 @@ def test_sampled_validation_is_labelled_as_sampled_not_greedy(tmp_path):
     assert f"Exact-answer accuracy on the validation split ({label}):" in card and "greedy" not in card
     greedy = render_model_card(CardInfo(repo_id="a/m", step=4, revision="step-4",
                                         metrics=card_metrics(4, {VAL: 0.5625}, read_metrics_from(RECORDS))))
-    assert "Exact-answer accuracy on the validation split (greedy decoding):" in greedy
+    assert "Exact-answer accuracy on the validation split (greedy):" in greedy
 
 
 def read_metrics_from(records):

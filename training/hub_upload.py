@@ -100,7 +100,7 @@ def uploader_settings(cfg: Any) -> dict[str, Any]:
 
 def _positive(value: Any, key: str) -> int:
     if int(value) < 1:
-        raise InvalidUploadConfigError(f"{key}={value}: give at least 1 (1 = no retry; the default is 4)")
+        raise InvalidUploadConfigError(f"{key}={value}: give at least 1 (1 = no retry)")
     return int(value)
 
 

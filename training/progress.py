@@ -20,7 +20,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["ProgressLine", "decoding_label", "format_progress", "format_seconds", "val_exact", "val_samples"]
+__all__ = ["ProgressLine", "format_progress", "format_seconds", "val_exact", "val_samples"]
 
 _VAL_EXACT_RE = re.compile(r"^val-(?:core|aux)/(?P<task>[^/]+)/exact/mean@(?P<n>\d+)$")
 
@@ -64,18 +64,6 @@ def val_samples(metrics: Mapping[str, Any]) -> int | None:
     """
     ns = [int(m["n"]) for m in map(_VAL_EXACT_RE.match, map(str, metrics)) if m]
     return max(ns) if ns else None
-
-
-def decoding_label(samples: int | float | None) -> str:
-    """How the val answers were decoded, for tables, legends and cards: one answer per question is veRL's greedy
-    default (``val_kwargs.do_sample=false``); ``val_kwargs.n > 1`` needs sampling, and veRL averages the N answers.
-
-    Example:
-        >>> decoding_label(1), decoding_label(4)
-        ('greedy', 'mean of 4 sampled answers per question')
-    """
-    n = int(samples) if samples else 1
-    return "greedy" if n == 1 else f"mean of {n} sampled answers per question"
 
 
 def _num(metrics: Mapping[str, Any], key: str) -> float | None:

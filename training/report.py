@@ -31,7 +31,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from training.progress import decoding_label, val_exact, val_samples
+from training.progress import val_exact, val_samples
+from utils.hub.card import decoding_label
 
 __all__ = ["CURVES_FILE", "METRICS_FILE", "PANELS", "ReportError", "accuracy_table", "card_metrics", "curves_for_step",
            "find_metric_logs", "plot_curves", "read_metrics", "write_report"]
@@ -108,8 +109,9 @@ def _val_tasks(records: Mapping[int, Mapping[str, float]]) -> list[str]:
     return sorted({task for row in records.values() for task in val_exact(row)})
 
 
-def _val_decoding(records: Mapping[int, Mapping[str, float]]) -> str:
-    return decoding_label(max((val_samples(row) or 1 for row in records.values()), default=1))
+def _val_samples(records: Mapping[int, Mapping[str, float]]) -> int:
+    """Answers per val question in this run (veRL's ``mean@N``); 1 when none was logged."""
+    return max((val_samples(row) or 1 for row in records.values()), default=1)
 
 
 def plot_curves(records: Mapping[int, Mapping[str, float]], title: str = ""):
@@ -130,9 +132,10 @@ def plot_curves(records: Mapping[int, Mapping[str, float]], title: str = ""):
             if xs:
                 ax.plot(xs, ys, marker="." if len(xs) < 40 else None, label=label)
         if panel == "exact-answer accuracy":
+            decoding = decoding_label(_val_samples(records))
             for task in _val_tasks(records):
                 points = [(s, val_exact(row)[task]) for s, row in records.items() if task in val_exact(row)]
-                ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=f"val {task} ({_val_decoding(records)})")
+                ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=f"val {task} ({decoding})")
             ax.set_ylim(-0.02, 1.02)
         ax.set_title(panel)
         ax.set_xlabel("step")
@@ -161,7 +164,7 @@ def accuracy_table(records: Mapping[int, Mapping[str, float]]) -> str:
                                                     val_steps[-1]]
     tasks = _val_tasks(records)
     width = max(10, *(len(t) for t in tasks))
-    lines = [f"exact-answer accuracy on the val split ({_val_decoding(records)})",
+    lines = [f"exact-answer accuracy on the val split ({decoding_label(_val_samples(records))})",
              "  " + "task".ljust(width) + "".join(f"{'step ' + str(s):>9}" for s in shown) + "   change"]
     for task in tasks:
         values = [val_exact(records[s]).get(task) for s in shown]
@@ -252,7 +255,7 @@ def card_metrics(step: int, metrics: Mapping[str, Any], records: Mapping[int, Ma
             out[f"val/{task}/exact_acc_at_start"] = value
         out["val_start_step"] = float(first)
     if now:
-        out["val_samples"] = float(max(val_samples(row) or 1 for row in records.values()))
+        out["val_samples"] = float(_val_samples(records))
     return out
 
 

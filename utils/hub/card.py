@@ -19,8 +19,8 @@ from huggingface_hub import ModelCardData
 
 from utils.hub.card_lora import lora_library, lora_load_lines, lora_rows, lora_tags
 
-__all__ = ["CARD_MARKER", "CURVES_FILE", "CardInfo", "render_model_card", "is_generated_card", "framework_versions",
-           "headline_metrics"]
+__all__ = ["CARD_MARKER", "CURVES_FILE", "CardInfo", "decoding_label", "render_model_card", "is_generated_card",
+           "framework_versions", "headline_metrics"]
 
 # Written into every card we generate, with the sha256 of the rest of the card. A README on the Hub without the
 # marker, or whose content no longer matches the hash (a person edited our card), is left alone.
@@ -190,6 +190,19 @@ def render_model_card(info: CardInfo) -> str:
     return text.replace(_PLACEHOLDER, f"{CARD_MARKER} sha256:{_digest(text)} -->")
 
 
+def decoding_label(samples: int | float | None) -> str:
+    """How the val answers behind an accuracy were decoded (``samples``: the ``N`` of veRL's ``mean@N``): one answer
+    per question is veRL's greedy default (``val_kwargs.do_sample=false``); ``val_kwargs.n > 1`` needs sampling, and
+    veRL averages the N answers. Shared by the card and ``training.report``'s table and curves.
+
+    Example:
+        >>> decoding_label(1), decoding_label(4)
+        ('greedy', 'mean of 4 sampled answers per question')
+    """
+    n = int(samples) if samples else 1
+    return "greedy" if n == 1 else f"mean of {n} sampled answers per question"
+
+
 def _results_section(step: int, metrics: Mapping[str, float], curves: str | None) -> list[str]:
     """``## Results``: val exact accuracy per task (at the first validation and now), the train reward, the curves."""
     rows: dict[str, dict[str, float]] = {}
@@ -201,9 +214,7 @@ def _results_section(step: int, metrics: Mapping[str, float], curves: str | None
     if rows:
         start = metrics.get("val_start_step")
         first = f"step {int(start)}" if start is not None else "start"
-        # `val_samples`: the N of veRL's `mean@N` (training.report.card_metrics); N > 1 means sampled answers
-        samples = int(metrics.get("val_samples") or 1)
-        decoding = "greedy decoding" if samples == 1 else f"mean of {samples} sampled answers per question"
+        decoding = decoding_label(metrics.get("val_samples"))  # set by training.report.card_metrics
         lines += ["## Results", "", f"Exact-answer accuracy on the validation split ({decoding}):", "",
                   f"| task | {first} | step {step} | change |", "|---|---|---|---|"]
         for task, row in sorted(rows.items()):
