@@ -23,6 +23,7 @@ def test_entry_point_is_registered_in_the_installed_metadata():
     )
 
 
+@pytest.mark.slow  # a fresh interpreter importing veRL (~11 s)
 def test_a_fresh_process_gets_the_cpu_platform_and_hf_rollout_from_import_verl_alone():
     # What every Ray worker of a CPU run does: a bare `import verl` with VERL_PLATFORM=cpu (the CPU configs put it in
     # Ray's runtime env), nothing imported from training/ first.

@@ -43,7 +43,7 @@ def test_card_shows_results_curves_and_task_configs(hub, run_with_curves):
 
     run, metrics = run_with_curves
     assert metrics == {"train/reward": 0.75, "val/chain_sum/exact_acc": 0.5,
-                       "val/chain_sum/exact_acc_at_start": 0.25, "val_start_step": 0.0}
+                       "val/chain_sum/exact_acc_at_start": 0.25, "val_start_step": 0.0, "val_samples": 1.0}
     up = HuggingFaceUploader("alice/card-results", private=True, token=ALICE, card_info=CARD_INFO, **FAST)
     up.upload_from_checkpoint_dir(run / "global_step_2", metrics=metrics)
 

@@ -144,9 +144,28 @@ def test_card_metrics_carry_start_and_current_val_accuracy():
     records = read_metrics_from(RECORDS)
     assert card_metrics(4, {VAL: 0.5625, "critic/score/mean": 0.9}, records) == {
         "train/reward": 0.9, "val/chain_sum/exact_acc": 0.5625, "val/chain_sum/exact_acc_at_start": 0.25,
-        "val_start_step": 0.0}
+        "val_start_step": 0.0, "val_samples": 1.0}
     # a step without validation shows the newest measurement before it
     assert card_metrics(3, {}, records)["val/chain_sum/exact_acc"] == 0.375
+
+
+def test_sampled_validation_is_labelled_as_sampled_not_greedy(tmp_path):
+    """`val_kwargs.n=4` (sampling) makes veRL log `mean@4`: table, legend and card must not call it greedy."""
+    from utils.hub.card import CardInfo, render_model_card
+
+    sampled = [{"step": r["step"], "data": {k.replace("mean@1", "mean@4"): v for k, v in r["data"].items()}}
+               for r in RECORDS]
+    records = read_metrics([write_log(tmp_path, sampled)])
+    label = "mean of 4 sampled answers per question"
+    assert accuracy_table(records).splitlines()[0] == f"exact-answer accuracy on the val split ({label})"
+    assert plot_curves(records).axes[1].lines[1].get_label() == f"val chain_sum ({label})"
+    metrics = card_metrics(4, {"val-aux/chain_sum/exact/mean@4": 0.5625}, records)
+    assert metrics["val_samples"] == 4.0
+    card = render_model_card(CardInfo(repo_id="a/m", step=4, revision="step-4", metrics=metrics))
+    assert f"Exact-answer accuracy on the validation split ({label}):" in card and "greedy" not in card
+    greedy = render_model_card(CardInfo(repo_id="a/m", step=4, revision="step-4",
+                                        metrics=card_metrics(4, {VAL: 0.5625}, read_metrics_from(RECORDS))))
+    assert "Exact-answer accuracy on the validation split (greedy):" in greedy
 
 
 def read_metrics_from(records):

@@ -20,9 +20,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["ProgressLine", "format_progress", "format_seconds", "val_exact"]
+__all__ = ["ProgressLine", "format_progress", "format_seconds", "val_exact", "val_samples"]
 
-_VAL_EXACT_RE = re.compile(r"^val-(?:core|aux)/(?P<task>[^/]+)/exact/mean@\d+$")
+_VAL_EXACT_RE = re.compile(r"^val-(?:core|aux)/(?P<task>[^/]+)/exact/mean@(?P<n>\d+)$")
 
 
 def format_seconds(seconds: float) -> str:
@@ -53,6 +53,17 @@ def val_exact(metrics: Mapping[str, Any]) -> dict[str, float]:
         if match:
             out[match["task"]] = float(value)
     return out
+
+
+def val_samples(metrics: Mapping[str, Any]) -> int | None:
+    """How many answers per val question the exact accuracy averages (the ``N`` of veRL's ``mean@N``), or None.
+
+    Example:
+        >>> val_samples({"val-aux/chain_sum/exact/mean@4": 0.5}), val_samples({"critic/score/mean": 0.1})
+        (4, None)
+    """
+    ns = [int(m["n"]) for m in map(_VAL_EXACT_RE.match, map(str, metrics)) if m]
+    return max(ns) if ns else None
 
 
 def _num(metrics: Mapping[str, Any], key: str) -> float | None:

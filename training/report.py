@@ -18,8 +18,8 @@ Example:
     ...            2: {"critic/score/mean": 0.7, "val-aux/chain_sum/exact/mean@1": 0.5}}
     >>> print(accuracy_table(records))
     exact-answer accuracy on the val split (greedy)
-      task        step 0   step 2   change
-      chain_sum    20.0%    50.0%   +30.0 points
+      task         step 0   step 2   change
+      chain_sum     20.0%    50.0%   +30.0 points
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from training.progress import val_exact
+from training.progress import val_exact, val_samples
+from utils.hub.card import decoding_label
 
 __all__ = ["CURVES_FILE", "METRICS_FILE", "PANELS", "ReportError", "accuracy_table", "card_metrics", "curves_for_step",
            "find_metric_logs", "plot_curves", "read_metrics", "write_report"]
@@ -108,6 +109,11 @@ def _val_tasks(records: Mapping[int, Mapping[str, float]]) -> list[str]:
     return sorted({task for row in records.values() for task in val_exact(row)})
 
 
+def _val_samples(records: Mapping[int, Mapping[str, float]]) -> int:
+    """Answers per val question in this run (veRL's ``mean@N``); 1 when none was logged."""
+    return max((val_samples(row) or 1 for row in records.values()), default=1)
+
+
 def plot_curves(records: Mapping[int, Mapping[str, float]], title: str = ""):
     """A matplotlib figure with one panel per :data:`PANELS` entry and one line per metric present.
 
@@ -126,9 +132,10 @@ def plot_curves(records: Mapping[int, Mapping[str, float]], title: str = ""):
             if xs:
                 ax.plot(xs, ys, marker="." if len(xs) < 40 else None, label=label)
         if panel == "exact-answer accuracy":
+            decoding = decoding_label(_val_samples(records))
             for task in _val_tasks(records):
                 points = [(s, val_exact(row)[task]) for s, row in records.items() if task in val_exact(row)]
-                ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=f"val {task} (greedy)")
+                ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=f"val {task} ({decoding})")
             ax.set_ylim(-0.02, 1.02)
         ax.set_title(panel)
         ax.set_xlabel("step")
@@ -157,7 +164,7 @@ def accuracy_table(records: Mapping[int, Mapping[str, float]]) -> str:
                                                     val_steps[-1]]
     tasks = _val_tasks(records)
     width = max(10, *(len(t) for t in tasks))
-    lines = ["exact-answer accuracy on the val split (greedy)",
+    lines = [f"exact-answer accuracy on the val split ({decoding_label(_val_samples(records))})",
              "  " + "task".ljust(width) + "".join(f"{'step ' + str(s):>9}" for s in shown) + "   change"]
     for task in tasks:
         values = [val_exact(records[s]).get(task) for s in shown]
@@ -221,12 +228,14 @@ def card_metrics(step: int, metrics: Mapping[str, Any], records: Mapping[int, Ma
 
     Returns:
         ``{"val/<task>/exact_acc": v, "val/<task>/exact_acc_at_start": v0, "val_start_step": s0,
-        "train/reward": r, "train/exact_acc": a}`` - only what was measured.
+        "val_samples": n, "train/reward": r, "train/exact_acc": a}`` - only what was measured (``n``: answers per
+        val question, the ``N`` of veRL's ``mean@N``; 1 is greedy).
 
     Example:
         >>> card_metrics(30, {"val-aux/chain_sum/exact/mean@1": 0.5, "critic/score/mean": 0.9},
-        ...              {0: {"val-aux/chain_sum/exact/mean@1": 0.25}})
-        {'train/reward': 0.9, 'val/chain_sum/exact_acc': 0.5, 'val/chain_sum/exact_acc_at_start': 0.25, 'val_start_step': 0.0}
+        ...              {0: {"val-aux/chain_sum/exact/mean@1": 0.25}})  # doctest: +NORMALIZE_WHITESPACE
+        {'train/reward': 0.9, 'val/chain_sum/exact_acc': 0.5, 'val/chain_sum/exact_acc_at_start': 0.25, 'val_start_step': 0.0,
+         'val_samples': 1.0}
     """
     out: dict[str, float] = {}
     for key, name in (("critic/score/mean", "train/reward"), ("train/exact_acc", "train/exact_acc")):
@@ -245,6 +254,8 @@ def card_metrics(step: int, metrics: Mapping[str, Any], records: Mapping[int, Ma
         for task, value in sorted(val_exact(records[first]).items()):
             out[f"val/{task}/exact_acc_at_start"] = value
         out["val_start_step"] = float(first)
+    if now:
+        out["val_samples"] = float(_val_samples(records))
     return out
 
 

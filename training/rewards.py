@@ -181,7 +181,7 @@ _KWARG_KEYS = frozenset({"use_accuracy", "secondary_rewards", "tokenizer_path", 
 
 
 def _plain(cfg: Any) -> Any:
-    from training.data import to_plain
+    from training.config_schema import to_plain
 
     return to_plain(cfg)
 

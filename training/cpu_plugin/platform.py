@@ -11,7 +11,7 @@ container without ``nvidia-smi`` or a GPU-less actor of a GPU run keeps plain ve
 Probing instantiates every registered platform; the constructor therefore changes nothing unless ``cpu`` was
 requested.
 
-Choices, each fixing a measured failure (see ``shared/reference/verl-0.9.1-on-cpu.md``):
+Choices, each fixing a measured failure:
 
 - backend plain ``gloo``: veRL builds ``cpu:gloo,{device}:{backend}``; ``cpu:gloo`` twice is rejected.
 - Ray resource ``GPU``: veRL's placement groups ask for the platform's resource per worker; Ray is started

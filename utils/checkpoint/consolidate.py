@@ -10,6 +10,7 @@ The public face is :mod:`utils.load_fsdp_to_hf` (same names, and the CLI in :mod
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 from utils.checkpoint.errors import (
+    InvalidOptionError,
     MissingKeyError,
     MissingRankFileError,
     OutputExistsError,
@@ -45,6 +47,8 @@ from utils.checkpoint.model_config import (
     resolve_dtype,
 )
 from utils.checkpoint.optimizer import consolidate_optimizer
+from utils.checkpoint.space import check_free_space, explain_write_failure
+from utils.checkpoint.tempdirs import make_owned_temp_dir, release_owner, remove_owned, sweep_stale
 from utils.checkpoint.writer import (
     WEIGHT_FORMATS,
     FileReporter,
@@ -162,7 +166,9 @@ def _check_against_config(shards: RankShards, expected: ExpectedModel) -> list[s
 def _make_temp_dir(out_dir: Path) -> Path:
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        # A kill -9 of an earlier run left its temporary folder here: remove it if provably ours and stale.
+        sweep_stale(out_dir.parent, f".{out_dir.name}.tmp-")
+        tmp = make_owned_temp_dir(out_dir.parent, f".{out_dir.name}.tmp-")
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the result should read like any folder
@@ -336,7 +342,7 @@ def consolidate_checkpoint(
     """
     t0 = time.perf_counter()
     if weights_format not in WEIGHT_FORMATS:
-        raise ValueError(f"weights_format={weights_format!r}: expected one of {sorted(WEIGHT_FORMATS)}")
+        raise InvalidOptionError(f"weights_format={weights_format!r}: expected one of {sorted(WEIGHT_FORMATS)}")
     dtype = normalize_dtype(dtype)
     parse_size(max_shard_size)
     if lora is not None and lora not in LORA_MODES:
@@ -381,6 +387,9 @@ def consolidate_checkpoint(
     logger.info("%s: W=%d, %d tensors -> %d %s file(s), %s %s", layout.actor_dir, layout.world_size, len(keys),
                 len(plan.files), weights_format, human_bytes(plan.total_size), out_dtype)
 
+    check_free_space(out_dir, plan.total_size + (sum(f.stat().st_size for f in layout.optim_files)
+                                                 if include_optimizer else 0))
+    new_parents = [p for p in (out_dir.parent, *out_dir.parent.parents) if not p.exists()]
     tmp = _make_temp_dir(out_dir)
     # One intra-op thread: the copy/cast is memory-bound, and the overlap comes from the writer thread. Measured on
     # 2 shared cores (Qwen2.5-1.5B, W=8): OpenMP workers spinning beside the writer made the merge 1.3-2x slower.
@@ -411,13 +420,20 @@ def consolidate_checkpoint(
             reporter = None
         _check_out_dir(out_dir, overwrite)  # again: someone may have written there meanwhile
         _move_into_place(tmp, out_dir)
-    except BaseException:  # Ctrl-C included: leave nothing behind
+        release_owner(tmp)
+    except BaseException as e:  # Ctrl-C and SIGTERM (the CLI turns it into an interrupt) included: leave nothing
         if reporter is not None:
             try:
                 reporter.wait()  # no report thread may still read the folder removed below
             except Exception:  # noqa: BLE001 - the original error is the one to raise
                 pass
-        shutil.rmtree(tmp, ignore_errors=True)
+        explained = explain_write_failure(e, layout.actor_dir, layout.model_files, out_dir)  # before space is freed
+        remove_owned(tmp)
+        for parent in new_parents:  # folders this call created on the way to OUT_DIR, deepest first, if empty
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        if explained is not None:
+            raise explained from e
         raise
     finally:
         torch.set_num_threads(threads)

@@ -13,13 +13,14 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from huggingface_hub import ModelCardData
 
 from utils.hub.card_lora import lora_library, lora_load_lines, lora_rows, lora_tags
 
-__all__ = ["CARD_MARKER", "CURVES_FILE", "CardInfo", "render_model_card", "is_generated_card", "framework_versions",
-           "headline_metrics"]
+__all__ = ["CARD_MARKER", "CURVES_FILE", "CardInfo", "decoding_label", "render_model_card", "is_generated_card",
+           "framework_versions", "headline_metrics"]
 
 # Written into every card we generate, with the sha256 of the rest of the card. A README on the Hub without the
 # marker, or whose content no longer matches the hash (a person edited our card), is left alone.
@@ -88,18 +89,37 @@ def framework_versions() -> dict[str, str]:
     return out
 
 
-def headline_metrics(metrics: Mapping[str, float] | None, limit: int = 3) -> dict[str, float]:
-    """The few metrics worth a commit title: rewards/scores/accuracies first, validation before training."""
-    if not metrics:
-        return {}
-    numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+def _metric_kind(key: str) -> int:
+    k = key.lower()
+    return 0 if ("reward" in k or "score" in k) else 1 if ("acc" in k or "exact" in k) else 2
 
-    def rank(key: str) -> tuple[int, int, str]:
-        k = key.lower()
-        kind = 0 if ("reward" in k or "score" in k) else 1 if ("acc" in k) else 2
-        return (kind, 0 if k.startswith("val") else 1, key)
 
-    return {k: numeric[k] for k in sorted(numeric, key=rank)[:limit]}
+def headline_metrics(metrics: Mapping[str, Any] | None, limit: int | None = 3) -> dict[str, float]:
+    """The metrics worth a commit title, as floats: rewards/scores first, then accuracies, validation first.
+
+    Args:
+        metrics: A step's metrics (numpy/torch scalars welcome; what ``float()`` refuses is left out).
+        limit: How many, best first (other numeric metrics fill up); ``None``: every reward/score/accuracy metric
+            in its original order (what a training step hands the uploader for its commit, card and marker).
+
+    Example:
+        >>> headline_metrics({"loss": 1.5, "val/acc": 0.75, "critic/score/mean": 0.25}, limit=2)
+        {'critic/score/mean': 0.25, 'val/acc': 0.75}
+        >>> headline_metrics({"loss": 1.5, "val/acc": 0.75, "critic/score/mean": 0.25}, limit=None)
+        {'val/acc': 0.75, 'critic/score/mean': 0.25}
+    """
+    numeric: dict[str, float] = {}
+    for key, value in (metrics or {}).items():
+        if isinstance(value, bool):
+            continue
+        try:
+            numeric[str(key)] = float(value)
+        except (TypeError, ValueError):
+            continue
+    if limit is None:
+        return {k: v for k, v in numeric.items() if _metric_kind(k) < 2}
+    ranked = sorted(numeric, key=lambda k: (_metric_kind(k), 0 if k.lower().startswith("val") else 1, k))
+    return {k: numeric[k] for k in ranked[:limit]}
 
 
 def render_model_card(info: CardInfo) -> str:
@@ -170,6 +190,19 @@ def render_model_card(info: CardInfo) -> str:
     return text.replace(_PLACEHOLDER, f"{CARD_MARKER} sha256:{_digest(text)} -->")
 
 
+def decoding_label(samples: int | float | None) -> str:
+    """How the val answers behind an accuracy were decoded (``samples``: the ``N`` of veRL's ``mean@N``): one answer
+    per question is veRL's greedy default (``val_kwargs.do_sample=false``); ``val_kwargs.n > 1`` needs sampling, and
+    veRL averages the N answers. Shared by the card and ``training.report``'s table and curves.
+
+    Example:
+        >>> decoding_label(1), decoding_label(4)
+        ('greedy', 'mean of 4 sampled answers per question')
+    """
+    n = int(samples) if samples else 1
+    return "greedy" if n == 1 else f"mean of {n} sampled answers per question"
+
+
 def _results_section(step: int, metrics: Mapping[str, float], curves: str | None) -> list[str]:
     """``## Results``: val exact accuracy per task (at the first validation and now), the train reward, the curves."""
     rows: dict[str, dict[str, float]] = {}
@@ -181,7 +214,8 @@ def _results_section(step: int, metrics: Mapping[str, float], curves: str | None
     if rows:
         start = metrics.get("val_start_step")
         first = f"step {int(start)}" if start is not None else "start"
-        lines += ["## Results", "", "Exact-answer accuracy on the validation split (greedy decoding):", "",
+        decoding = decoding_label(metrics.get("val_samples"))  # set by training.report.card_metrics
+        lines += ["## Results", "", f"Exact-answer accuracy on the validation split ({decoding}):", "",
                   f"| task | {first} | step {step} | change |", "|---|---|---|---|"]
         for task, row in sorted(rows.items()):
             before, now = row.get("start"), row.get("now")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import httpx
 from huggingface_hub.errors import RepositoryNotFoundError
 
+from utils.checkpoint.tempdirs import make_owned_temp_dir, remove_owned, sweep_stale, terminate_as_interrupt
 from utils.hub.errors import HubUnreachableError, HubUploadError, redact
 
 __all__ = ["main", "build_parser"]
@@ -28,8 +28,8 @@ logger = logging.getLogger("utils.hf_uploader")
 def _steps(text: str) -> list[int]:
     try:
         return [int(s) for s in text.replace(" ", "").split(",") if s]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--steps wants comma-separated integers like 100,200, got {text!r}") from None
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--steps wants comma-separated integers like 100,200, got {text!r}") from e
 
 
 def _dtype_arg(text: str) -> str:
@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--format", dest="weights_format", default=None, choices=["bin", "safetensors"])
     vf.add_argument("--dtype", default=None, type=_dtype_arg)
     vf.add_argument("--no-load", dest="load", action="store_false", help="skip the transformers load check")
+    vf.add_argument("--namespace", default="", help="the experiment's subfolder of the repo (default: the root)")
     pl = sub.add_parser("pull", help="download the newest complete resume snapshot and write veRL's checkpoint "
                                      "layout for a world size")
     pl.add_argument("--repo-id", required=True)
@@ -135,7 +136,9 @@ def _dry_run(up, args: argparse.Namespace) -> int:
         notes.append(f"user {report.user}; repo {'private' if report.private else 'PUBLIC'}")
     else:
         notes.append("no token found (HF_TOKEN): a real upload would fail at preflight")
-    staging = Path(tempfile.mkdtemp(prefix="hf_dry_run_", dir=up.staging_dir))
+    parent = up.staging_dir or Path(tempfile.gettempdir())
+    sweep_stale(parent, "hf_dry_run_")
+    staging = make_owned_temp_dir(parent, "hf_dry_run_")
     try:
         res = up._consolidate(Path(args.checkpoint_dir), staging / "model", step, args.model_name)
         try:
@@ -158,7 +161,7 @@ def _dry_run(up, args: argparse.Namespace) -> int:
         print(f"dry run: {'; '.join(notes)}; consolidation {res.dtype}, world size {res.world_size}; nothing written "
               "to the Hub")
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_owned(staging)
     return 0
 
 
@@ -195,7 +198,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     report = verify_upload(args.repo_id, args.revision, args.against, endpoint=args.endpoint,
                            weights_format=args.weights_format, dtype=args.dtype, load=args.load,
-                           raise_on_problem=False)
+                           raise_on_problem=False, namespace=args.namespace)
     print(report.describe())
     return 0 if report.ok else 1
 
@@ -219,14 +222,29 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"upload": _cmd_upload, "backfill": _cmd_backfill, "resume": _cmd_resume, "verify": _cmd_verify,
                "pull": _cmd_pull}
     try:
-        return handler[args.command](args)
+        with terminate_as_interrupt():  # SIGTERM unwinds like Ctrl-C: staging folders are removed on the way out
+            return handler[args.command](args)
     except HubUploadError as e:
-        print(f"error: {redact(_first_line(e), os.environ.get('HF_TOKEN'))}", file=sys.stderr)
+        print(f"error: {redact(_first_line(e), os.environ.get('HF_TOKEN'))}{_details(e)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", None)
+        print(f"{f'terminated (signal {signum})' if signum else 'interrupted'}: temporary files removed; run the "
+              "same command again (uploads are idempotent; a failed one left upload_pending.json for `resume`)",
+              file=sys.stderr)
+        return 128 + (signum or 2)
     except Exception as e:  # noqa: BLE001 - the engine's errors and anything unexpected: one line, non-zero exit
-        print(f"error: {type(e).__name__}: {redact(_first_line(e), os.environ.get('HF_TOKEN'))}", file=sys.stderr)
-        logger.debug("traceback", exc_info=True)
+        print(f"error: {type(e).__name__}: {redact(_first_line(e), os.environ.get('HF_TOKEN'))}{_details(e)}",
+              file=sys.stderr)
         return 1
+
+
+def _details(e: BaseException) -> str:
+    """`` (details: LOG)``: the full traceback, token removed, goes to a log file (utils/errlog.py)."""
+    from utils.errlog import log_traceback
+
+    path = log_traceback(e, name="hf_uploader")
+    return f" (details: {path})" if path else ""
 
 
 def _first_line(e: BaseException) -> str:
