@@ -5,9 +5,10 @@
     python train_grpo.py --config-name algorithmic_qwen_3b      # a GPU config (vLLM rollouts)
     python train_grpo.py --config-name algorithmic_qwen_3b hf_upload.enabled=true hf_upload.repo_id=me/model
 
-Order: compose the config (training/configs, on veRL's ppo_trainer) -> check it (before Ray starts, so a bad
-dataset/reward/model path fails in seconds) -> Hub preflight when hf_upload.enabled (bad token/namespace/repo id
-fail in seconds) -> resolve tiny://qwen2 -> start or join Ray -> veRL's run_ppo with our task runner.
+Order: compose the config (training/configs, on veRL's ppo_trainer) -> the platform it asks for (VERL_PLATFORM) ->
+check it (before Ray starts, so a bad dataset/reward/model path fails in seconds) -> Hub preflight when
+hf_upload.enabled (bad token/namespace/repo id fail in seconds) -> resolve tiny://qwen2 -> start or join Ray ->
+veRL's run_ppo with our task runner.
 
 Multi-node: `ray start --head` on one node, `ray start --address=HEAD:PORT` on the others (CPU nodes: add
 `--num-gpus=N`, logical GPUs), then launch on the head as above: the launch joins the running cluster.
@@ -21,17 +22,27 @@ import hydra
 from omegaconf import DictConfig
 
 from training.config_checks import check_run_config
+from training.config_schema import apply_schema
 from training.errors import ConfigError
 from training.hub_resume import ResumeError, resume_from_hub
 from training.hub_upload import setup_hub_upload
+from training.hydra_token import with_redaction_callback
+from training.platform_request import apply_platform_request
 from training.ray_cluster import configure_ray
+from training.verl_config_path import CONFIG_DIR, with_verl_config_searchpath
 from utils.checkpoint.errors import CheckpointError
 from utils.hub.errors import HubUploadError
 
+CONFIG_NAME = "cpu_demo"  # the default of `python train_grpo.py`
 
-@hydra.main(config_path="training/configs", config_name="cpu_demo", version_base=None)
+
+@hydra.main(config_path="training/configs", config_name=CONFIG_NAME, version_base=None)
 def main(cfg: DictConfig) -> None:
     try:
+        apply_schema(cfg)  # typed sections for a config that does not list grpo_sections (shipped ones do)
+        # The CPU configs ask for veRL's `cpu` platform (VERL_PLATFORM in Ray's runtime env); the driver needs it in
+        # its own environment before anything imports veRL (training/platform_request.py).
+        apply_platform_request(cfg)
         check_run_config(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -44,7 +55,9 @@ def main(cfg: DictConfig) -> None:
         print(f"hf_upload error: {e}", file=sys.stderr)
         sys.exit(2)
 
-    # veRL and Ray are imported only after the checks: a bad config never pays for them.
+    # veRL's trainer and Ray's cluster start only after the checks, so a bad config never pays for them. (Hydra read
+    # veRL's ppo_trainer.yaml by file path, training/verl_config_path.py, so veRL is first imported here; the checks
+    # need neither veRL nor Ray: tests/test_architecture.py runs them with both blocked.)
     from verl.trainer.main_ppo import run_ppo
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
@@ -67,4 +80,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = with_redaction_callback(sys.argv)  # a Hub token never reaches .hydra/*.yaml, whatever the config
+    # compose without importing veRL: config errors in seconds
+    sys.argv = with_verl_config_searchpath(sys.argv, CONFIG_DIR, CONFIG_NAME)
     main()

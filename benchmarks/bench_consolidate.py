@@ -14,7 +14,7 @@ from memory:
     verl   : python -m verl.model_merger merge --backend fsdp --local_dir ACTOR --target_dir OUT
     floor  : python + import torch, read every input byte once, write the output's byte count once
 
-Targets (issue 3): engine throughput >= 2x veRL's, peak RSS <= 0.25x veRL's, wall <= 1.3x the floor.
+Targets: engine throughput >= 2x veRL's, peak RSS <= 0.25x veRL's, wall <= 1.3x the floor.
 """
 
 from __future__ import annotations
@@ -119,17 +119,30 @@ with open(out, "wb", buffering=0) as fh:
 """
 
 
+# Linux carries a process's peak RSS across fork and exec (the child's ru_maxrss starts at its parent's high-water
+# mark), so a benchmark that built a multi-GB checkpoint in-process would see that figure for every command it
+# measures. A bare interpreter (no imports, ~10 MB) forks and execs the command instead, and reports its peak.
+_LAUNCHER = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvpe(sys.argv[1], sys.argv[1:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+sys.stderr.write(f"\\n__maxrss_kb={usage.ru_maxrss}\\n")
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
 def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, int, int]:
-    """Run ``cmd``; return (wall seconds, peak RSS bytes of that child, exit code)."""
+    """Run ``cmd``; return (wall seconds, peak RSS bytes of that command alone, exit code)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, *cmd], cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wall = time.perf_counter() - t0
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    err, _, rss = proc.stderr.decode().rpartition("__maxrss_kb=")
     if proc.returncode != 0:
         print(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{err[-3000:]}", file=sys.stderr)
-    return wall, usage.ru_maxrss * 1024, proc.returncode
+    return wall, int(rss.strip() or 0) * 1024, proc.returncode
 
 
 def _dir_bytes(d: Path) -> int:

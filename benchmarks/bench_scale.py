@@ -17,7 +17,7 @@ warm page cache; output: bf16 safetensors, 5 GB shards:
     upload_folder    HfApi.upload_folder of the engine's output (hash, then send) - the upload alone
 
 Uploads go to the local Hub server of the tests (its own process, niced: the real Hub is remote), each into a
-fresh repo (LFS objects belong to a repo), deleted right after. Targets (issue 13, W=8 1.5B): engine <= 1.3x the
+fresh repo (LFS objects belong to a repo), deleted right after. Targets (W=8 1.5B): engine <= 1.3x the
 floor and >= 2.5x faster than veRL's merger; engine peak RSS <= 0.25x veRL's; engine+upload <= 1.15x
 max(engine, upload_folder).
 """

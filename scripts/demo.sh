@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The README demo, all offline: install, start a local Hub-compatible server, run the CPU GRPO demo with the Hub
 # upload on (consolidate the final FSDP2 checkpoint and push it), then load the model back from that server with
-# `from_pretrained` and print a sample generation.
+# `from_pretrained` and print a sample generation. Ends with the exact-answer accuracy on the val split before and
+# after training, and where the training-curves PNG is (the same picture is on the model card).
 #   bash scripts/demo.sh                                  # 30 GRPO steps (a few minutes on 2 cores)
 #   bash scripts/demo.sh trainer.total_training_steps=4   # extra train_grpo.py overrides
 #   DEMO_SKIP_INSTALL=1 bash scripts/demo.sh              # .venv already set up
 set -euo pipefail
 cd "$(dirname "$0")/.."
+started=$SECONDS
 [ "${DEMO_SKIP_INSTALL:-0}" = 1 ] || bash scripts/install.sh
 PY=.venv/bin/python
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -36,4 +38,10 @@ echo "local Hub server at $HF_ENDPOINT (pid $server_pid)"
   hf_upload.enabled=true hf_upload.repo_id=demo/tiny-grpo-chain-sum hf_upload.private=true "$@" 2>&1 \
   | tee "$run_dir/train.log"
 
-"$PY" scripts/demo_load_back.py --repo-id demo/tiny-grpo-chain-sum
+"$PY" scripts/demo_load_back.py --repo-id demo/tiny-grpo-chain-sum --save-card "$run_dir/model_card"
+
+echo
+echo "==== result ($((SECONDS - started)) s) ===="
+"$PY" -m training.report "$run_dir/checkpoints"
+echo "the model card as uploaded, with the same curves: $run_dir/model_card/README.md"
+echo "training log: $run_dir/train.log"

@@ -1,6 +1,6 @@
 """Last step of the README demo: load the uploaded model back from the Hub and print a sample generation.
 
-    python scripts/demo_load_back.py --repo-id demo/tiny-grpo-chain-sum [--revision step-30]
+    python scripts/demo_load_back.py --repo-id demo/tiny-grpo-chain-sum [--revision step-30] [--save-card DIR]
 
 The Hub is ``HF_ENDPOINT`` (the demo's local server), the token ``HF_TOKEN``. Without ``--revision`` the newest
 ``step-N`` tag is used, i.e. ``from_pretrained(repo_id, revision="step-N")`` exactly as the model card shows.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from pathlib import Path
 
 import torch
 from huggingface_hub import HfApi
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repo-id", required=True)
     p.add_argument("--revision", default=None, help="default: the newest step-N tag")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--save-card", default=None, help="download the model card and its curves PNG into this folder")
     args = p.parse_args(argv)
 
     revision = args.revision or newest_step_tag(args.repo_id)
@@ -60,7 +62,23 @@ def main(argv: list[str] | None = None) -> None:
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     completion = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     print(f"question: {item['question']}\nexpected: {item['answer']}\nmodel:    {completion!r}")
-    print("(a 150k-parameter model trained for a few CPU minutes: the point is the round trip, not the answer)")
+    if args.save_card:
+        save_card(args.repo_id, revision, Path(args.save_card))
+
+
+def save_card(repo_id: str, revision: str, out: Path) -> None:
+    """Download the model card and the curves it shows, and print the card's ``## Results`` section."""
+    from huggingface_hub import hf_hub_download
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = HfApi().list_repo_files(repo_id, revision=revision)
+    for name in ("README.md", "training_curves.png"):
+        if name in files:
+            hf_hub_download(repo_id, name, revision=revision, local_dir=out)
+    card = (out / "README.md").read_text() if (out / "README.md").is_file() else ""
+    results = card.split("## Results", 1)[1].split("\n## ", 1)[0] if "## Results" in card else ""
+    print(f"model card of {repo_id}@{revision} (saved in {out}):\n## Results{results.rstrip()}" if results else
+          f"the model card of {repo_id}@{revision} has no results section")
 
 
 if __name__ == "__main__":

@@ -102,27 +102,30 @@ def e2e_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_run(hub_server, e2e_dir):
-    """W=2, 2 GRPO steps, curriculum, a save + `every_save` upload at each step (`shared_runs.train_every_save`).
+    """W=2, 2 GRPO steps, curriculum, a save + resume-snapshot upload at each step, `step-0` pushed before training
+    (`shared_runs.train_with_snapshots`).
 
-    `.extra["ckpt"]`: its `default_local_dir`; `.extra["listing"]`: that folder right after the run.
+    `.extra["ckpt"]`: its `default_local_dir`; `.extra["listing"]`: that folder right after the run;
+    `.extra["tags"]`: the repo's tags right after the run.
     """
-    from tests.shared_runs import train_every_save
+    from tests.shared_runs import train_with_snapshots
 
-    return train_every_save(e2e_dir, hub_server)
+    return train_with_snapshots(e2e_dir, hub_server)
 
 
 @pytest.fixture(scope="session")
 def resumed_run(hub_server, e2e_dir, trained_run):
-    """`trained_run` continued to step 3 in place with the Hub down at the end, then `resume`
-    (`shared_runs.resume_with_hub_down`). Tests reading `trained_run`'s step 2 still find it unchanged."""
-    from tests.shared_runs import resume_with_hub_down
+    """`trained_run` resumed from the Hub in a fresh directory at W=3 and trained to step 3, with the Hub down once
+    the snapshot is pulled; then `resume` finishes the pending upload (`shared_runs.resume_from_the_hub`).
+    veRL also saved its own gathered `huggingface/` model at step 3."""
+    from tests.shared_runs import resume_from_the_hub
 
-    return resume_with_hub_down(e2e_dir, hub_server, trained_run.extra["ckpt"])
+    return resume_from_the_hub(e2e_dir, hub_server)
 
 
 @pytest.fixture(scope="session")
 def no_sync_run(e2e_dir):
-    """W=2, 2 steps without weight sync; veRL also saved its gathered `huggingface/` model at step 2."""
+    """W=2, 2 steps without weight sync (a negative control: runs only with VERL_GRPO_E2E_FULL=1)."""
     from tests.shared_runs import train_without_weight_sync
 
     return train_without_weight_sync(e2e_dir)

@@ -33,13 +33,9 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
 
 PRESETS = {
     # Sharded dims 101, 35, 37, 32, 16: uneven for W = 2, 3 and 4 (and some even ones, too).
@@ -89,26 +85,26 @@ def write_checkpoint(
     lora_only: bool = False,
     lora_meta: bool = True,
 ) -> WrittenCheckpoint:
-    """Run the writer in a fresh Python process (gloo state never leaks into the caller) and return its paths."""
-    cmd = [sys.executable, "-m", "tests.fsdp_writer", str(out_root), "--world-size", str(world_size),
-           "--preset", preset, "--config-dtype", config_dtype, "--steps", str(steps)]
-    cmd += ["--tied"] if tied else []
-    cmd += ["--hsdp", f"{hsdp[0]}x{hsdp[1]}"] if hsdp else []
-    cmd += ["--legacy"] if legacy else []
-    cmd += ["--plain"] if plain else []
-    cmd += ["--lora", f"{lora[0]}:{lora[1]}"] if lora else []
-    cmd += ["--lora-only"] if lora_only else []
-    cmd += [] if lora_meta else ["--no-lora-meta"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0 and "terminated with signal" in proc.stderr:
+    """Run the writer's W ranks (fresh processes: gloo state never leaks into the caller) and return its paths."""
+    argv = [str(out_root), "--world-size", str(world_size), "--preset", preset, "--config-dtype", config_dtype,
+            "--steps", str(steps)]
+    argv += ["--tied"] if tied else []
+    argv += ["--hsdp", f"{hsdp[0]}x{hsdp[1]}"] if hsdp else []
+    argv += ["--legacy"] if legacy else []
+    argv += ["--plain"] if plain else []
+    argv += ["--lora", f"{lora[0]}:{lora[1]}"] if lora else []
+    argv += ["--lora-only"] if lora_only else []
+    argv += [] if lora_meta else ["--no-lora-meta"]
+    args = _parse(argv)
+    try:
+        _start_ranks(_worker, args)
+    except Exception as e:  # noqa: BLE001 - retried once, then re-raised
+        if "terminated with signal" not in str(e):
+            raise
         # Seen once in ~30 runs on a loaded 2-core box: a gloo worker died with SIGSEGV (not reproducible alone).
         # The checkpoint is rewritten from scratch, so a retry cannot hide a wrong result; a second crash fails.
         shutil.rmtree(out_root, ignore_errors=True)
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"fsdp_writer failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        _start_ranks(_worker, args)
     return WrittenCheckpoint(root=Path(out_root), step=steps, world_size=world_size, tied=tied)
 
 
@@ -162,6 +158,7 @@ def _worker(rank: int, args: argparse.Namespace, init_file: str) -> None:
     from transformers import Qwen2ForCausalLM
 
     world = args.world_size
+    _rank_setup()
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(1234)  # same initial weights on every rank, as veRL does by loading one HF model
     config = _model_config(args.preset, args.tied, args.config_dtype)
@@ -267,6 +264,7 @@ def _load_optimizer_worker(rank: int, args: argparse.Namespace, init_file: str) 
     from transformers import AutoModelForCausalLM
 
     world = args.world_size
+    _rank_setup()
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     model = AutoModelForCausalLM.from_pretrained(args.load_optimizer, dtype=torch.float32)
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("fsdp",))
@@ -290,19 +288,47 @@ def _load_optimizer_worker(rank: int, args: argparse.Namespace, init_file: str) 
 def load_optimizer_at_world_size(consolidated_dir: Path, world_size: int, result_path: Path) -> dict:
     """In W' fresh gloo processes: ``set_optimizer_state_dict(full_state_dict=True)`` from ``optimizer.pt``, then
     gather it back with ``get_optimizer_state_dict``. Returns ``{"roundtrip": full state, "local_shapes_rank0"}``."""
-    cmd = [sys.executable, "-m", "tests.fsdp_writer", str(result_path), "--world-size", str(world_size),
-           "--load-optimizer", str(consolidated_dir)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"optimizer loader failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    _start_ranks(_load_optimizer_worker, _parse([str(result_path), "--world-size", str(world_size),
+                                                 "--load-optimizer", str(consolidated_dir)]))
     import torch
 
     return torch.load(result_path, weights_only=True)
 
 
-def main(argv: list[str] | None = None) -> None:
+# The ranks are forked from one forkserver per calling process that has imported torch, transformers' Qwen2 and peft
+# once (~10 s of CPU per process on 2 cores): with spawn every rank of every case paid it again. The server is a fresh
+# interpreter (not a fork of pytest), so the ranks inherit no state of the caller.
+_PRELOAD = ["torch.distributed.fsdp", "torch.distributed.checkpoint.state_dict", "torch.distributed.tensor",
+            "transformers.models.qwen2.modeling_qwen2", "peft", "tests.fsdp_writer"]
+
+
+def _rank_setup() -> None:
+    """One intra-op thread per rank (W ranks share 2 cores), and a traceback if a rank crashes in C code."""
+    import faulthandler
+
+    import torch
+
+    torch.set_num_threads(1)
+    faulthandler.enable()
+
+
+def _start_ranks(worker, args: argparse.Namespace) -> None:
+    """Run ``worker(rank, args, init_file)`` in W processes; raises if any rank fails (torch's ProcessRaisedException
+    / ProcessExitedException name the rank and carry its traceback)."""
+    import multiprocessing
+
+    import torch.multiprocessing as mp
+
+    if not args.load_optimizer:
+        Path(args.out_root).mkdir(parents=True, exist_ok=True)
+    # (run as `python -m tests.fsdp_writer`, this module is __main__: the server must not import it a second time)
+    multiprocessing.set_forkserver_preload(_PRELOAD if __name__ != "__main__" else _PRELOAD[:-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(worker, args=(args, os.path.join(tmp, "init")), nprocs=args.world_size,
+                           start_method="forkserver")
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out_root")
     p.add_argument("--world-size", type=int, required=True)
@@ -322,15 +348,12 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.hsdp and args.hsdp[0] * args.hsdp[1] != args.world_size:
         p.error("--hsdp RxS needs R*S == --world-size")
+    return args
 
-    import torch.multiprocessing as mp
 
-    worker = _load_optimizer_worker if args.load_optimizer else _worker
-    if not args.load_optimizer:
-        Path(args.out_root).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(worker, args=(args, os.path.join(tmp, "init")), nprocs=args.world_size,
-                           start_method="spawn")
+def main(argv: list[str] | None = None) -> None:
+    args = _parse(argv)
+    _start_ranks(_load_optimizer_worker if args.load_optimizer else _worker, args)
 
 
 if __name__ == "__main__":

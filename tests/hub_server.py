@@ -2,7 +2,7 @@
 
 huggingface.co cannot be reached here, so tests drive the real `huggingface_hub` client against this server. It speaks
 the part of the Hub's HTTP contract the client uses to create repos, upload (preupload, LFS batch + PUT, NDJSON
-commit), tag, branch, list and download (see `shared/reference/hub-http-contract.md`), with users, orgs and private
+commit), tag, branch, list and download, with users, orgs and private
 repos, and it has fault knobs: fail the next N requests of a kind, stall, go down and come back on the same port.
 
 Run it in a thread (tests)::
@@ -23,8 +23,8 @@ which no local server can serve), `HF_HUB_DISABLE_TELEMETRY=1`, `HF_HOME=<temp d
 but model-card validation and `from_pretrained` use the constant). `tests/conftest.py` does all of that and provides
 the `hub_server`/`hub` fixtures.
 
-Request kinds, for `fail_next`, `stall_next` and the counters: whoami, create_repo, delete_repo, repo_info, settings,
-preupload, lfs_batch, lfs_put, commit, commits, tree, paths_info, refs, branch, tag, resolve, validate_yaml, other;
+Request kinds, for `fail_next`, `stall_next`, `hold_next` and the counters: whoami, create_repo, delete_repo,
+repo_info, settings, preupload, lfs_batch, lfs_put, commit, commits, tree, paths_info, refs, branch, tag, resolve, validate_yaml, other;
 `"any"` matches every kind in the fault knobs.
 
 Hand-written on the stdlib (http.server) on purpose: no maintained open-source Hub server runs here (see the
@@ -215,8 +215,24 @@ class HubServer:
         with self._lock:
             self._faults.append({"kind": kind, "times": times, "error": "stall", "seconds": seconds})
 
+    def hold_next(self, kind: str, times: int = 1) -> threading.Event:
+        """Hold each of the next `times` requests of `kind` before serving it until the returned event is set.
+
+        For forced interleavings: `hub.requests[kind]` counts a held request as soon as it arrives, so a test can
+        wait for it, run something else to completion, then `event.set()` to let the held request through.
+        """
+        if kind != "any" and kind not in KINDS:
+            raise ValueError(f"unknown request kind {kind!r}; use one of {KINDS + ('any',)}")
+        gate = threading.Event()
+        with self._lock:
+            self._faults.append({"kind": kind, "times": times, "error": "hold", "gate": gate})
+        return gate
+
     def clear_faults(self) -> None:
         with self._lock:
+            for fault in self._faults:  # a held request is let through, never left hanging
+                if "gate" in fault:
+                    fault["gate"].set()
             self._faults.clear()
 
     def reset_counters(self) -> None:

@@ -1,6 +1,6 @@
 """HTTP side of the local Hub server (`tests/hub_server.py`): routing, auth checks and the Hub's endpoints.
 
-Each endpoint answers what the `huggingface_hub` client reads (see `shared/reference/hub-http-contract.md`);
+Each endpoint answers what the `huggingface_hub` client reads;
 errors carry the `X-Error-Code`/`X-Error-Message` headers the client maps to its exception classes. The handler
 reaches the `HubServer` (users, fault knobs, counters, store) through `self.server.hub`.
 """
@@ -196,7 +196,11 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             return self._reset()
         fault = hub._take_fault(self._kind)
         try:
-            if fault is not None and fault["error"] == "stall":
+            if fault is not None and fault["error"] == "hold":
+                while not fault["gate"].wait(0.05):
+                    if hub._down.is_set():
+                        raise _Reset()
+            elif fault is not None and fault["error"] == "stall":
                 if hub._down.wait(fault["seconds"]):
                     raise _Reset()
             elif fault is not None and fault["error"] == "reset":

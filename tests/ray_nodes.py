@@ -168,7 +168,7 @@ class RayNode:
                 pass
         self.proc.wait(timeout=30)
 
-    def stop(self, grace: float = 15) -> None:
+    def stop(self, grace: float = 5) -> None:
         """SIGTERM this node's processes (by PID), SIGKILL what is left after ``grace`` seconds."""
         import psutil
 

@@ -27,7 +27,7 @@ def test_benchmark_small_runs_and_prints_the_table(tmp_path):
 @pytest.mark.slow
 def test_scale_benchmark_small_runs_end_to_end(tmp_path):
     """benchmarks/bench_scale.py on the few-MB size: build, engine, floor, pipelined upload, upload_folder, table."""
-    proc = subprocess.run([sys.executable, "benchmarks/bench_scale.py", "--sizes", "small", "--repeat", "1",
+    proc = subprocess.run([sys.executable, "benchmarks/bench_scale.py", "--sizes", "small", "--repeat", "1", "--world-size", "2",
                            "--skip-verl", "--work-dir", str(tmp_path), "--json", str(tmp_path / "r.json")],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

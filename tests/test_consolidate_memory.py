@@ -2,7 +2,10 @@
 
 The merge runs in a fresh Python process. After imports (torch, transformers) and before consolidating, it resets
 the kernel's peak-RSS counter (``/proc/self/clear_refs``), so the measured peak is the merge's own, page-cache pages
-mapped from the rank files included.
+mapped from the rank files included. Pages of *other* files (the code of torch's shared libraries, Python modules)
+faulted in during the merge are subtracted: on a box under memory pressure the kernel reclaims those before the merge
+and they come back as it runs (measured: +19.7 MB after ``MADV_PAGEOUT`` of the library mappings, while the merge's
+own figure stayed at 15 MB), which is not memory the merge uses for data.
 """
 
 from __future__ import annotations
@@ -29,10 +32,22 @@ load_expected_model(Path(actor) / "huggingface")  # import transformers and the 
 def status(field):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field + ":"))
 
+def other_files_rss():  # resident bytes of file mappings other than the rank files (shared libraries)
+    total, counted = 0, False
+    for line in open("/proc/self/smaps"):
+        parts = line.split()
+        if parts[0] == "Rss:":
+            total += int(parts[1]) * 1024 if counted else 0
+        elif not parts[0].endswith(":"):  # a mapping's header line: range perms offset dev inode [path]
+            path = parts[5] if len(parts) > 5 else ""
+            counted = path.startswith("/") and "model_world_size_" not in path
+    return total
+
 open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM (peak RSS) to the current RSS
-base = status("VmRSS")
+base, files0 = status("VmRSS"), other_files_rss()
 res = consolidate_checkpoint(actor, out, weights_format=fmt, max_shard_size=shard, dtype="fp32", progress=False)
-print(json.dumps({"base": base, "peak": status("VmHWM"), "bytes": res.bytes_written}))
+print(json.dumps({"base": base, "peak": status("VmHWM"), "code_faulted": other_files_rss() - files0,
+                  "bytes": res.bytes_written}))
 """
 
 
@@ -59,18 +74,19 @@ def test_peak_rss_of_a_merge_is_a_small_fraction_of_the_checkpoint(fsdp_checkpoi
     ck = fsdp_checkpoints["medium_w2"]
     ckpt_bytes, largest = _sizes(ck.actor_dir)
     m = _measure(ck.actor_dir, tmp_path / "out", fmt, shard)
-    delta = m["peak"] - m["base"]
+    delta = m["peak"] - m["base"] - max(m["code_faulted"], 0)
     print(f"{fmt}: checkpoint {ckpt_bytes / 1e6:.1f} MB, largest tensor {largest / 1e6:.1f} MB, "
-          f"peak RSS over baseline {delta / 1e6:.1f} MB")
+          f"peak RSS over baseline {delta / 1e6:.1f} MB (less {m['code_faulted'] / 1e6:.1f} MB of library pages)")
     assert ckpt_bytes > 100e6 and largest < ckpt_bytes / 10  # the bound below is meaningful for this input
     # safetensors streams: ~the tensor being assembled plus its source pages. bin buffers one output shard (20 MB).
-    # Measured here: 21 MB (safetensors) and 27 MB (bin) for this 106 MB checkpoint; 118 MB without page release.
-    # Worst case for safetensors: two reused buffers (one assembling, one being written) + the source pages of the
-    # tensor being assembled = 3x the largest tensor; a busy CI box once measured 32.8 MB, so the constant
-    # (allocator arenas, the writer thread's stack, lazily imported modules) gets 16 MB of room.
+    # Measured here, library pages subtracted: 15 MB (safetensors) for this 106 MB checkpoint; 118 MB without page
+    # release. Worst case for safetensors: two reused buffers (one assembling, one being written) + the source pages
+    # of the tensor being assembled = 3x the largest tensor; the constant (allocator arenas, the writer thread's
+    # stack, lazily imported modules' data) gets 16 MB of room. Before library pages were subtracted, a loaded CI box
+    # measured 41.8 MB (safetensors) and 48 MB (bin): the difference was code paged back in, not the merge's data.
     bound = 3 * largest + 16e6 if fmt == "safetensors" else parse_bytes(shard) + 2 * largest + 16e6
+    assert bound < 0.5 * ckpt_bytes  # the guarantee tested is a small fraction of what loading everything takes
     assert delta < bound, f"peak {delta / 1e6:.1f} MB over baseline exceeds {bound / 1e6:.1f} MB"
-    assert delta < 0.45 * ckpt_bytes
 
 
 def parse_bytes(size: str) -> int:

@@ -4,6 +4,7 @@ A veRL upgrade that moves or reshapes any of these names fails here, loudly, ins
 """
 
 import inspect
+import os
 import subprocess
 import sys
 from importlib.metadata import entry_points, version
@@ -22,8 +23,10 @@ def test_entry_point_is_registered_in_the_installed_metadata():
     )
 
 
+@pytest.mark.slow  # a fresh interpreter importing veRL (~11 s)
 def test_a_fresh_process_gets_the_cpu_platform_and_hf_rollout_from_import_verl_alone():
-    # What every Ray worker does: a bare `import verl`, nothing imported from training/ first.
+    # What every Ray worker of a CPU run does: a bare `import verl` with VERL_PLATFORM=cpu (the CPU configs put it in
+    # Ray's runtime env), nothing imported from training/ first.
     code = (
         "import verl\n"
         "from verl.plugin.platform import get_platform\n"
@@ -35,7 +38,8 @@ def test_a_fresh_process_gets_the_cpu_platform_and_hf_rollout_from_import_verl_a
         "print(get_rollout_class('hf', 'async').__name__, get_rollout_replica_class('hf').__name__)\n"
         "print(f.CPUOffloadPolicy(pin_memory=True).pin_memory, d.initialize_global_process_group_ray.__wrapped__)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "VERL_PLATFORM": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
     assert lines[0] == "PlatformCPU cpu gloo GPU"
@@ -77,12 +81,17 @@ def test_pinned_verl_private_names():
     # platform
     assert callable(PlatformRegistry.register) and callable(get_platform) and callable(_detect_platform_name)
     assert PlatformRegistry.registered_names()[:3] == ("nvidia", "huawei", "amd")  # probed before "cpu"
+    # the request is read before any probe, so VERL_PLATFORM=cpu alone selects the cpu platform
+    detect_src = inspect.getsource(_detect_platform_name)
+    assert detect_src.index('os.environ.get("VERL_PLATFORM"') < detect_src.index("instance.is_platform_available(")
     abstract = set(PlatformBase.__abstractmethods__)
     from training.cpu_plugin.platform import PlatformCPU
 
     assert not (abstract - set(vars(PlatformCPU))), "PlatformBase grew abstract methods the cpu platform lacks"
     # runtime fixes: the names rebound on activation
-    assert _params(distributed.initialize_global_process_group_ray.__wrapped__) == ["timeout_second", "backend"]
+    # (rebound only in a process that asked for the cpu platform: this test process did not)
+    init_pg = distributed.initialize_global_process_group_ray
+    assert _params(getattr(init_pg, "__wrapped__", init_pg)) == ["timeout_second", "backend"]
     assert "CPUOffloadPolicy(pin_memory=True)" in inspect.getsource(transformer_impl)
     assert "from verl.utils.fsdp_utils import" in inspect.getsource(transformer_impl)
     assert fsdp_utils.CPUOffloadPolicy.__mro__[1].__module__.startswith("torch.distributed")

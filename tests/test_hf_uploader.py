@@ -280,7 +280,7 @@ def test_background_uploads_from_the_uploader_never_drop_the_final_one(hub, run_
 
 
 def test_two_namespaces_in_one_repo_stay_independent(hub, run_copy, reference):
-    """Issue 5's layout: each experiment in its own subfolder with its own `<namespace>-step-N` tags."""
+    """Namespaces: each experiment in its own subfolder with its own `<namespace>-step-N` tags."""
     from huggingface_hub import HfApi, hf_hub_download
 
     for ns in ("exp-a", "exp-b"):
@@ -304,7 +304,7 @@ def test_two_namespaces_in_one_repo_stay_independent(hub, run_copy, reference):
 @pytest.mark.parametrize("weights_format", ["safetensors", "bin"])
 def test_pipeline_preuploads_each_shard_once_before_the_single_commit(hub, run_copy, reference, tmp_path,
                                                                       monkeypatch, weights_format):
-    """Shards -> Hub as one pipeline (issue 13): every weight shard is sent to LFS storage while the consolidation
+    """Shards -> Hub as one pipeline: every weight shard is sent to LFS storage while the consolidation
     still runs (before the commit), exactly once, never hashed by re-reading it (safetensors: hashed while written);
     one commit, then the tag; the Hub's bytes equal an independent consolidation's."""
     import huggingface_hub.lfs as hf_lfs

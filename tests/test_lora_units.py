@@ -128,3 +128,12 @@ def test_resume_refuses_another_lora_shape_naming_each_field():
 def test_docstring_examples_run(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_card_names_the_adapters_base_model_when_the_run_config_did_not():
+    from types import SimpleNamespace
+
+    up = HuggingFaceUploader("alice/m", lora="adapter")
+    consolidation = SimpleNamespace(dtype="float32", world_size=2, lora={**LORA, "base_model_name_or_path": "Qwen/B"})
+    text = up._card_fn(5, None, consolidation, None)()
+    assert "| base model | [Qwen/B](https://huggingface.co/Qwen/B) |" in text and "base_model: Qwen/B" in text

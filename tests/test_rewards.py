@@ -83,6 +83,7 @@ def test_empty_response_scores_zero_with_the_same_keys(entries):
             "score": 0.0,
             "accuracy": 0.0,
             "acc": 0.0,
+            "exact": 0.0,
             "answer_found": 0.0,
             "scorer_error": 0.0,
             "format": 0.0,
@@ -90,6 +91,15 @@ def test_empty_response_scores_zero_with_the_same_keys(entries):
         }
         assert out.keys() == full.keys()
     assert full["score"] == pytest.approx(1.0 + 0.2 + 0.5)
+    assert full["exact"] == 1.0
+
+
+def test_exact_is_one_only_for_a_full_score(entries):
+    """`exact` (the demo's headline accuracy) counts only full marks; the dataset's partial credit does not."""
+    entry = entries["chain_sum"]
+    wrong = str(int(entry["answer"]) + 1)
+    assert score(entry, tagged(entry["answer"]))["exact"] == 1.0
+    assert score(entry, tagged(wrong))["exact"] == 0.0
 
 
 def test_special_tokens_are_stripped_before_scoring(entries):

@@ -40,6 +40,7 @@ def bad_config_runs(tmp_path_factory) -> dict[str, tuple[int, str, str, float]]:
     return results
 
 
+@pytest.mark.slow  # shares one module fixture: four train_grpo.py subprocesses (~35 s)
 @pytest.mark.parametrize("override, message", BAD_CONFIGS)
 def test_bad_config_fails_with_a_clear_message_before_ray_starts(bad_config_runs, override, message):
     returncode, stdout, stderr, elapsed = bad_config_runs[override]

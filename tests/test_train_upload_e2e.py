@@ -2,10 +2,11 @@
 a Ray actor on rank 0's node -> the real huggingface_hub client -> the local Hub server of conftest.
 
 Two real runs, shared with the training end-to-end tests (`tests/shared_runs.py`, session fixtures):
-- `trained_run`: 2 steps, save_freq=1, max_actor_ckpt_to_keep=1, `strategy=every_save`, the token given on the
-  command line as a marker (`hf_upload.token=...`) that must appear nowhere;
-- `resumed_run`: the same run continued to step 3 with strategy=end; the server goes down as soon as preflight
-  passed, so the final upload fails: the run exits 0 with `upload_pending.json`, then
+- `trained_run`: 2 steps, save_freq=1, max_actor_ckpt_to_keep=1, `strategy=checkpoint` (an upload at every save,
+  with the optimizer and trainer state), the token given on the command line as a marker (`hf_upload.token=...`)
+  that must appear nowhere;
+- `resumed_run`: that run resumed from the Hub at W=3 and trained to step 3; the server goes down as soon as the
+  snapshot is pulled, so step 3's upload fails: the run exits 0 with `upload_pending.json`, then
   `python utils/hf_uploader.py resume` finishes it.
 Ground truth: an independent local consolidation of the same checkpoint (sha256 of every file, logits).
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.shared_runs import ALICE, END_REPO, EVERY_REPO, MARKER
+from tests.shared_runs import ALICE, MARKER, RUN_REPO
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +31,8 @@ def _sha256_tree(folder: Path) -> dict[str, str]:
 def _consolidate(step_dir: Path, out: Path) -> Path:
     from utils.load_fsdp_to_hf import consolidate_checkpoint
 
-    consolidate_checkpoint(step_dir / "actor", out, progress=False)
+    # fp32: what strategy=checkpoint uploads (the weights as trained, for an exact resume)
+    consolidate_checkpoint(step_dir / "actor", out, dtype="fp32", progress=False)
     return out
 
 
@@ -42,48 +44,52 @@ def _download(repo_id: str, revision: str, dest: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(trained_run, e2e_dir):
-    return {"tmp": e2e_dir, "every": trained_run.extra["ckpt"], "log_every": trained_run.log}
+    return {"tmp": e2e_dir, "every": trained_run.extra["ckpt"], "log_every": trained_run.log,
+            "tags": trained_run.extra["tags"]}
 
 
 @pytest.fixture(scope="module")
-def end_runs(trained_run, resumed_run):
-    return {"end": trained_run.extra["ckpt"], "log_end": resumed_run.log, "was_down": resumed_run.extra["was_down"],
+def end_runs(resumed_run):
+    return {"end": resumed_run.extra["ckpt"], "log_end": resumed_run.log, "was_down": resumed_run.extra["was_down"],
             "pending_after_run": resumed_run.extra["pending_after_run"], "resume": resumed_run.extra["resume"]}
 
 
-def test_every_save_tags_each_save_and_main_holds_the_last(runs):
+def test_each_save_is_tagged_after_the_step_0_bootstrap(runs):
     from huggingface_hub import HfApi
 
+    # tags right after the first run: step-0 (the model training started from, pushed before step 1) and each save
+    assert runs["tags"] == ["step-0", "step-1", "step-2"]
     api = HfApi(token=ALICE)
-    refs = api.list_repo_refs(EVERY_REPO)
-    tags = {t.name: t.target_commit for t in refs.tags}
-    branches = {b.name: b.target_commit for b in refs.branches}
-    assert set(tags) == {"step-1", "step-2"}
-    assert branches["main"] == tags["step-2"]
-    assert api.repo_info(EVERY_REPO).private  # the configs default to private repos
+    assert api.repo_info(RUN_REPO).private  # the configs default to private repos
     log = runs["log_every"]
     assert "[hf_upload] step 1: uploaded" in log and "[hf_upload] step 2: uploaded" in log
-    messages = [c.title for c in api.list_repo_commits(EVERY_REPO)]
-    assert any(m.startswith("Upload step 2 (") and "reward" in m for m in messages), messages  # step's metrics
+    commits = {c.commit_id: c.title for c in api.list_repo_commits(RUN_REPO)}
+    step2 = {t.name: t.target_commit for t in api.list_repo_refs(RUN_REPO).tags}["step-2"]
+    assert commits[step2].startswith("Upload step 2 (") and "reward" in commits[step2], commits  # step's metrics
 
 
-def test_every_save_files_and_logits_equal_a_local_consolidation(runs, tmp_path):
+def test_uploaded_files_and_logits_equal_a_local_consolidation(runs, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
     local = _consolidate(runs["every"] / "global_step_2", tmp_path / "local")
-    hub = _download(EVERY_REPO, "step-2", tmp_path / "hub")
+    hub = _download(RUN_REPO, "step-2", tmp_path / "hub")
     local_sha, hub_sha = _sha256_tree(local), _sha256_tree(hub)
     assert local_sha  # weights, config, tokenizer
     for name, digest in local_sha.items():
         assert hub_sha.get(name) == digest, name
-    # plus the generated model card and the .gitattributes every new repo starts with, nothing else
-    assert set(hub_sha) - set(local_sha) <= {"README.md", ".gitattributes"} and "README.md" in hub_sha
+    # plus what a resume needs (strategy=checkpoint), the generated model card, the .gitattributes every new repo
+    # starts with, and the tiny model's build record (manifest.json) that step-0 pushed: an upload deletes only the
+    # stale files it owns (weights, optimizer, trainer state; utils/hub/push.MANAGED_PATTERNS). Nothing else.
+    extra = set(hub_sha) - set(local_sha)
+    resume_files = {"optimizer.pt", "trainer_state.json", "manifest.json"}
+    assert {"README.md", *resume_files} <= extra
+    assert all(n in {"README.md", ".gitattributes", *resume_files} or n.startswith("resume/") for n in extra), extra
 
     ids = torch.tensor([[1, 5, 9, 42, 7, 3, 11, 2]])
     with torch.no_grad():
         want = AutoModelForCausalLM.from_pretrained(local).eval()(ids).logits
-        got = AutoModelForCausalLM.from_pretrained(EVERY_REPO, revision="step-2", token=ALICE).eval()(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(RUN_REPO, revision="step-2", token=ALICE).eval()(ids).logits
     assert torch.equal(got, want)
 
 
@@ -99,7 +105,7 @@ def test_marker_token_appears_in_no_log_config_card_or_commit(runs, tmp_path):
     from huggingface_hub import HfApi
 
     assert MARKER not in runs["log_every"]
-    saved = runs["tmp"] / "every_save" / "hydra"
+    saved = runs["tmp"] / "trained" / "hydra"
     assert (saved / ".hydra" / "config.yaml").is_file() and (saved / ".hydra" / "overrides.yaml").is_file()
     for folder in (saved, runs["every"]):
         for path in folder.rglob("*"):
@@ -107,10 +113,10 @@ def test_marker_token_appears_in_no_log_config_card_or_commit(runs, tmp_path):
                 assert MARKER.encode() not in path.read_bytes(), path
     assert "hf_upload.token=<redacted" in (saved / ".hydra" / "overrides.yaml").read_text()
     api = HfApi(token=ALICE)
-    for commit in api.list_repo_commits(EVERY_REPO):
+    for commit in api.list_repo_commits(RUN_REPO):
         assert MARKER not in f"{commit.title}\n{commit.message}"
-    for revision in ("main", "step-1", "step-2"):
-        card = _download(EVERY_REPO, revision, tmp_path / revision) / "README.md"
+    for revision in ("step-0", "step-1", "step-2"):
+        card = _download(RUN_REPO, revision, tmp_path / revision) / "README.md"
         assert "step" in card.read_text() and MARKER not in card.read_text()
 
 
@@ -126,11 +132,12 @@ def test_resume_finishes_the_pending_upload_with_identical_files(end_runs, tmp_p
     assert end_runs["resume"].returncode == 0, end_runs["resume"].stdout + end_runs["resume"].stderr
     assert not list(end_runs["end"].rglob("upload_pending.json"))
     local = _consolidate(end_runs["end"] / "global_step_3", tmp_path / "local")
-    hub = _download(END_REPO, "step-3", tmp_path / "hub")
+    hub = _download(RUN_REPO, "step-3", tmp_path / "hub")
     local_sha, hub_sha = _sha256_tree(local), _sha256_tree(hub)
     assert {k: hub_sha.get(k) for k in local_sha} == local_sha
     from huggingface_hub import HfApi
 
-    refs = HfApi(token=ALICE).list_repo_refs(END_REPO)
-    assert {t.name for t in refs.tags} == {"step-3"}
-    assert {b.name: b.target_commit for b in refs.branches}["main"] == refs.tags[0].target_commit
+    refs = HfApi(token=ALICE).list_repo_refs(RUN_REPO)
+    tags = {t.name: t.target_commit for t in refs.tags}
+    assert sorted(tags) == ["step-0", "step-1", "step-2", "step-3"]
+    assert {b.name: b.target_commit for b in refs.branches}["main"] == tags["step-3"]

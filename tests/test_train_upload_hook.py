@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from training.hub_upload_hook import HubUploadCallback
+from training.hub_upload_hook import HubUploadCallback, UploadOutcome
 from utils.hub.errors import UploadFailedError
 
 
@@ -46,7 +46,7 @@ def test_every_save_pins_shards_replaces_queued_and_keeps_the_final(tmp_path):
             started.set()
             assert gate.wait(30)
         assert (checkpoint_dir / "actor").is_dir()  # never deleted under a running upload
-        return {"summary": f"step {step}"}
+        return UploadOutcome(step, "uploaded", summary=f"step {step}")
 
     cb._upload_on_rank0_node = upload
     trainer = _Trainer()
@@ -73,7 +73,7 @@ def test_end_uploads_only_the_last_step_and_leaves_rotation_to_verl(tmp_path):
     cb = HubUploadCallback(config)
     assert config.trainer.max_actor_ckpt_to_keep == 2
     calls = []
-    cb._upload_on_rank0_node = lambda d, s, m: calls.append(s) or {"summary": ""}
+    cb._upload_on_rank0_node = lambda d, s, m: calls.append(s) or UploadOutcome(s, "uploaded")
     for step in (1, 2, 3):
         cb.on_save(_Trainer(), step, str(_save(tmp_path, step)))
         cb.on_step_metrics(step, {})
@@ -100,3 +100,44 @@ def test_failed_upload_prints_the_command_and_fails_the_run_only_with_fail_on_er
             assert [j.state for j in cb.finish()] == ["failed"]
         err = capsys.readouterr().err
         assert f"finish the job with: python utils/hf_uploader.py resume {step_dir.resolve()}" in err
+
+
+def test_the_actor_outcome_carries_the_reason_and_marker_without_parsing_the_message():
+    failed = UploadOutcome(3, "failed", error_class="UploadFailedError", pending_marker="/run/global_step_3/m.json",
+                           message="Upload of step 3 to alice/hook failed: ConnectError: refused")
+    with pytest.raises(UploadFailedError) as info:
+        failed.raise_if_failed()
+    assert info.value.reason == "Upload of step 3 to alice/hook failed: ConnectError: refused"
+    assert info.value.pending_marker == "/run/global_step_3/m.json"
+    ok = UploadOutcome(4, "uploaded", summary="alice/hook step-4")
+    assert ok.raise_if_failed() is ok
+
+
+def test_the_actor_body_returns_typed_outcomes_for_success_and_a_dead_hub(fsdp_checkpoints, hub, tmp_path,
+                                                                          monkeypatch):
+    """What `_UploadActor.upload` runs, without Ray: a real upload, then one with the Hub down (marker, no token)."""
+    import shutil
+
+    from training.upload_actor import upload_outcome
+
+    token = "hf_alice_local_token"
+    monkeypatch.setenv("HF_TOKEN", token)
+    ckpt = fsdp_checkpoints["w2_untied"]
+    run = tmp_path / "run"
+    shutil.copytree(ckpt.root, run)
+    step_dir = run / f"global_step_{ckpt.step}"
+    settings = {"repo_id": "alice/hook-outcome", "private": True, "progress": False, "retry_base_delay": 0.01,
+                "max_attempts": 1}
+    ok = upload_outcome(settings, step_dir, ckpt.step, {"critic/score/mean": 0.5})
+    assert (ok.status, ok.tag, ok.error_class) == ("uploaded", f"step-{ckpt.step}", "") and len(ok.commit) == 40
+    hub.go_down()
+    try:
+        failed = upload_outcome({**settings, "repo_id": "alice/hook-outcome-2"}, step_dir, ckpt.step, None)
+    finally:
+        hub.come_up()
+    assert failed.status == "failed" and failed.error_class == "UploadFailedError"
+    assert failed.message.startswith(f"Upload of step {ckpt.step} to alice/hook-outcome-2 failed: ")
+    assert "finish it later" not in failed.message and failed.pending_marker == str(step_dir / "upload_pending.json")
+    assert "Traceback" in failed.traceback and token not in failed.traceback + failed.message
+    with pytest.raises(UploadFailedError):
+        failed.raise_if_failed()

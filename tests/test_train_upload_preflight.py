@@ -49,6 +49,7 @@ def failed_runs(hub_server, tmp_path_factory):
     return tmp, out
 
 
+@pytest.mark.slow  # train_grpo.py subprocesses (~25 s, shared by the two tests)
 @pytest.mark.parametrize("case", list(CASES))
 def test_preflight_failure_stops_the_run_before_ray(failed_runs, case):
     _, out = failed_runs
@@ -60,6 +61,7 @@ def test_preflight_failure_stops_the_run_before_ray(failed_runs, case):
     assert "ray init kwargs" not in log and "Started a local Ray instance" not in log and "TaskRunner" not in log
 
 
+@pytest.mark.slow
 def test_a_token_on_the_command_line_is_never_saved_or_printed(failed_runs):
     tmp, out = failed_runs
     assert MARKER not in out["bad_token"][1]
@@ -108,3 +110,15 @@ def test_unknown_key_and_a_foreign_callback_are_refused(hub, monkeypatch):
     cfg.trainer.checkpoint_callback_class = "my.Callback"
     with pytest.raises(InvalidUploadConfigError, match="checkpoint_callback_class='my.Callback'"):
         setup_hub_upload(cfg)
+
+
+def test_max_attempts_reaches_the_uploader_and_zero_is_refused_before_any_hub_call(hub, monkeypatch):
+    from training.hub_upload import uploader_from_config
+
+    monkeypatch.setenv("HF_TOKEN", hub.token_for("alice"))
+    assert uploader_from_config(_cfg(repo_id="alice/x", max_attempts=2)).client.max_attempts == 2
+    assert uploader_from_config(_cfg(repo_id="alice/x")).client.max_attempts == 4  # the schema's default
+    hub.reset_counters()
+    with pytest.raises(InvalidUploadConfigError, match=r"hf_upload.max_attempts=0: give at least 1"):
+        setup_hub_upload(_cfg(repo_id="alice/x", max_attempts=0))
+    assert hub.requests.total() == 0

@@ -21,31 +21,21 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
+from training.config_schema import to_plain
 from training.errors import ConfigError
 
 __all__ = ["TINY_MODEL_PATHS", "check_run_config"]
 
-TINY_MODEL_PATHS = ("tiny://qwen2",)
+TINY_MODEL_PATHS = ("tiny://qwen2", "tiny://qwen2-warm")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def _select(cfg: Any, key: str) -> Any:
     """`cfg[key]` for a dotted key (dicts or OmegaConf, interpolations resolved), None if absent."""
-    from training.data import to_plain
-
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return to_plain(OmegaConf.select(cfg, key, default=None))
-    except ImportError:  # pragma: no cover
-        pass
-    node = cfg
-    for part in key.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return to_plain(node)
+    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    return to_plain(OmegaConf.select(node, key, default=None))
 
 
 def _check_datasets(rg: Mapping[str, Any]) -> list[str]:
@@ -53,7 +43,7 @@ def _check_datasets(rg: Mapping[str, Any]) -> list[str]:
     from reasoning_gym.factory import DATASETS
     from reasoning_gym.utils import SYSTEM_PROMPTS
 
-    from training.data import split_seeds
+    from training.config_schema import split_seeds
 
     datasets = rg.get("datasets")
     if not isinstance(datasets, Mapping) or not datasets:

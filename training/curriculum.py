@@ -35,7 +35,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from training.errors import ConfigError
+from training.config_schema import section_defaults, to_plain
+from training.errors import ConfigError, CurriculumError
 
 __all__ = [
     "CURRICULUM_DEFAULTS",
@@ -46,15 +47,8 @@ __all__ = [
     "make_curricula",
 ]
 
-CURRICULUM_DEFAULTS: dict[str, Any] = {
-    "enabled": False,
-    "schedule": {"automatic": False, "update_steps": 30},
-    "last_k": 20,
-    "success_threshold": 0.70,
-    "failure_threshold": 0.10,
-    "mode": "inclusive",
-    "curricula": {},
-}
+# Written once, in training/config_schema.py (CurriculumConfig).
+CURRICULUM_DEFAULTS: dict[str, Any] = section_defaults("curriculum")
 _MODES = ("inclusive", "upper_bound", "last_k")
 
 
@@ -71,8 +65,6 @@ class LevelChange:
 
 def curriculum_section(curriculum_cfg: Any) -> dict[str, Any]:
     """Return the curriculum section as a plain dict with defaults filled in."""
-    from training.data import to_plain
-
     cfg = to_plain(curriculum_cfg) or {}
     if not isinstance(cfg, Mapping):
         raise ConfigError(f"curriculum: expected a mapping, got {type(cfg).__name__}")
@@ -222,7 +214,7 @@ class CurriculumController:
             ValueError: `scores` and `data_sources` differ in length.
         """
         if len(scores) != len(data_sources):
-            raise ValueError(f"record(): {len(scores)} scores but {len(data_sources)} data_sources")
+            raise CurriculumError(f"record(): {len(scores)} scores but {len(data_sources)} data_sources")
         for score, source in zip(scores, data_sources, strict=True):
             if source in self._windows:
                 self._windows[source].append(float(score))

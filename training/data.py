@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from verl.utils.dataset.rl_dataset import RLHFDataset
 
+from training.config_schema import DEFAULTS, reasoning_gym_section, split_seeds, to_plain
 from training.errors import ConfigError
 
 __all__ = [
@@ -48,33 +49,6 @@ __all__ = [
 
 DATA_FILE_SCHEME = "reasoning_gym://"
 SPLITS = ("train", "val")
-# Defaults of the `reasoning_gym` section (the original trainer's values).
-DEFAULTS: dict[str, Any] = {
-    "dataset_size": 20000,
-    "val_size": None,  # None: same as dataset_size
-    "seed": 1,
-    "val_seed": None,  # None: seed + dataset_size, so no val item repeats a train item (see split_seeds)
-    "developer_prompt": "DeepSeekZero",
-    "developer_role": "system",
-}
-
-
-def to_plain(cfg: Any) -> Any:
-    """Return `cfg` as plain dicts/lists (resolving an OmegaConf node), so the rest of the code sees one type."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # pragma: no cover - omegaconf comes with hydra/verl
-        return cfg
-    if isinstance(cfg, DictConfig | ListConfig):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return cfg
-
-
-def _section(rg_cfg: Any) -> dict[str, Any]:
-    rg = to_plain(rg_cfg)
-    if not isinstance(rg, Mapping):
-        raise ConfigError(f"reasoning_gym: expected a mapping with a `datasets` key, got {type(rg).__name__}")
-    return {**DEFAULTS, **rg}
 
 
 def system_prompt(rg_cfg: Any) -> str:
@@ -85,43 +59,13 @@ def system_prompt(rg_cfg: Any) -> str:
     """
     from reasoning_gym.utils import SYSTEM_PROMPTS
 
-    name = _section(rg_cfg)["developer_prompt"]
+    name = reasoning_gym_section(rg_cfg)["developer_prompt"]
     if name not in SYSTEM_PROMPTS:
         raise ConfigError(
             f"reasoning_gym.developer_prompt={name!r} is not a reasoning-gym system prompt; "
             f"use one of {sorted(SYSTEM_PROMPTS)}"
         )
     return SYSTEM_PROMPTS[name]
-
-
-def split_seeds(rg_cfg: Any) -> tuple[int, int]:
-    """Return the (train, val) composite seeds, refusing a val seed whose items would repeat train items.
-
-    reasoning-gym generates item `i` of a dataset with `Random(seed + i)`, and a composite gives its k-th dataset
-    the seed `composite_seed + k + 1`. So with val seed = train seed + d, val item i *is* train item i + d of the
-    same dataset whenever 0 <= i + d < dataset_size: the original trainer's seeds 1 and 2 made almost every val
-    question a train question. The default val seed is therefore `seed + dataset_size` (no overlap).
-
-    Raises:
-        ConfigError: An explicit `val_seed` that makes val items repeat train items.
-
-    Example:
-        >>> split_seeds({"seed": 1, "dataset_size": 100})
-        (1, 101)
-    """
-    rg = _section(rg_cfg)
-    seed, n_train = int(rg["seed"]), int(rg["dataset_size"])
-    n_val = int(rg["val_size"] if rg["val_size"] is not None else n_train)
-    if rg["val_seed"] is None:
-        return seed, seed + n_train
-    val_seed = int(rg["val_seed"])
-    if -n_val < val_seed - seed < n_train:
-        raise ConfigError(
-            f"reasoning_gym.val_seed={val_seed} with seed={seed}: val items would repeat train items (reasoning-gym "
-            f"item i with seed s is item i+1 with seed s-1); use val_seed >= {seed + n_train} or <= {seed - n_val}, "
-            "or leave it unset"
-        )
-    return seed, val_seed
 
 
 def build_reasoning_gym_dataset(rg_cfg: Any, split: str, seed: int | None = None):
@@ -149,7 +93,7 @@ def build_reasoning_gym_dataset(rg_cfg: Any, split: str, seed: int | None = None
 
     if split not in SPLITS:
         raise ConfigError(f"split={split!r}: expected one of {SPLITS}")
-    rg = _section(rg_cfg)
+    rg = reasoning_gym_section(rg_cfg)
     datasets = rg.get("datasets") or {}
     if not isinstance(datasets, Mapping) or not datasets:
         raise ConfigError("reasoning_gym.datasets is empty: add at least one `<name>: {weight: 1, config: {}}`")
@@ -239,7 +183,7 @@ class ReasoningGymDataset(RLHFDataset):
         rg_cfg = config.get("reasoning_gym")
         self.composite = build_reasoning_gym_dataset(rg_cfg, self.split)
         self.prompt = system_prompt(rg_cfg)
-        self.role = _section(rg_cfg)["developer_role"]
+        self.role = reasoning_gym_section(rg_cfg)["developer_role"]
         self.max_samples = max_samples
         curriculum_cfg = config.get("curriculum")
         if curriculum_cfg is not None and to_plain(curriculum_cfg).get("enabled", False):

@@ -1,4 +1,4 @@
-"""``hf_upload.resume``: before Ray starts, make the local run directory continue from the Hub (issue 5).
+"""``hf_upload.resume``: before Ray starts, make the local run directory continue from the Hub.
 
     hf_upload:
       enabled: true
@@ -43,8 +43,9 @@ from typing import Any
 
 from omegaconf import DictConfig, open_dict
 
-from training.errors import ConfigError
+from training.errors import IncompatibleResumeError, ResumeError
 from training.hub_resume_lora import base_config_dir, lora_differences, run_lora_config
+from utils.checkpoint.tempdirs import write_text_atomic
 
 __all__ = ["resume_from_hub", "write_lineage", "compat_fingerprint", "ResumeError", "IncompatibleResumeError",
            "ResumeOutcome", "RESUME_MODES"]
@@ -57,14 +58,6 @@ _MODEL_KEYS = ("architectures", "model_type", "hidden_size", "num_hidden_layers"
                "num_key_value_heads", "intermediate_size", "vocab_size", "tie_word_embeddings")
 _OPTIM_KEYS = ("optimizer", "optimizer_impl")
 _WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
-
-
-class ResumeError(ConfigError):
-    """``resume: required`` cannot be met, or the Hub state cannot be used."""
-
-
-class IncompatibleResumeError(ResumeError):
-    """The Hub snapshot was trained with another model architecture or optimizer."""
 
 
 @dataclass
@@ -137,9 +130,8 @@ def write_lineage(config: DictConfig, step_dir: str | Path) -> Path:
         "verl_version": getattr(verl, "__version__", None),
         "world_size": int(trainer.n_gpus_per_node) * int(trainer.nnodes),
     }
-    path = step_dir / "lineage.json"
-    path.write_text(json.dumps(lineage, indent=2, sort_keys=True))
-    return path
+    # Atomic (temp file + rename): a crash mid-save never leaves half a JSON document for the uploader to choke on.
+    return write_text_atomic(step_dir / "lineage.json", json.dumps(lineage, indent=2, sort_keys=True))
 
 
 def resume_from_hub(cfg: DictConfig) -> ResumeOutcome:
@@ -157,15 +149,17 @@ def resume_from_hub(cfg: DictConfig) -> ResumeOutcome:
         IncompatibleResumeError: the snapshot's model or optimizer differs from this run's, naming the fields.
         Preflight errors of the uploader (token, namespace access).
     """
-    hf = cfg.get("hf_upload", None)
-    if hf is None or not hf.get("enabled", False):
+    from training.hub_upload import hf_upload_section
+
+    hf = hf_upload_section(cfg)  # typed: defaults filled in (training/config_schema.py)
+    if not hf.enabled:
         return ResumeOutcome("none")
-    mode = str(hf.get("resume", None) or "auto")
+    mode = hf.resume
     if mode not in RESUME_MODES:
         raise ResumeError(f"hf_upload.resume={mode!r}: expected one of {', '.join(RESUME_MODES)}")
     if mode == "never":
         return ResumeOutcome("none")
-    strategy = str(hf.get("strategy", None) or "end")
+    strategy = hf.strategy
     if strategy != "checkpoint":
         # Only strategy=checkpoint uploads resume snapshots. Resuming (or bootstrapping step-0) for end/every_save
         # runs would restart a rerun from the last uploaded weights at step 1 and collide with its existing tags.
@@ -179,7 +173,7 @@ def resume_from_hub(cfg: DictConfig) -> ResumeOutcome:
     from training.hub_upload import uploader_from_config
     from utils.hub.snapshots import find_resume_snapshot
 
-    namespace = str(hf.get("namespace", None) or "").strip("/")
+    namespace = (hf.namespace or "").strip("/")
     # The run's own uploader settings (repo, visibility, endpoint, namespace, card), but a plain weights upload:
     # the step-0 bootstrap has no optimizer or trainer state yet.
     uploader = uploader_from_config(cfg, progress=False, strategy="end", optimizer_save_mode=None)

@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
 from typing import Any
 
+from omegaconf import OmegaConf
+
+from training.config_schema import typed_section
+from training.errors import ConfigError
 from utils.hf_uploader import HuggingFaceUploader
 from utils.hub.client import PreflightReport
 from utils.hub.errors import InvalidUploadConfigError
 
-__all__ = ["CALLBACK_CLASS", "FORCED_SAVE_FREQ", "headline_step_metrics", "setup_hub_upload", "uploader_from_config",
+__all__ = ["CALLBACK_CLASS", "FORCED_SAVE_FREQ", "setup_hub_upload", "uploader_from_config",
            "uploader_settings"]
 
 logger = logging.getLogger(__name__)
@@ -36,20 +39,23 @@ CALLBACK_CLASS = "training.hub_upload_hook.HubUploadCallback"
 # `save_freq` so large that veRL's `is_last_step or step % save_freq == 0` saves at the last step only.
 FORCED_SAVE_FREQ = 10**12
 
-# hf_upload keys consumed here; `token` is never passed on (the uploader reads HF_TOKEN), `enabled`/`fail_on_error`
-# steer the hook, `resume` belongs to the resume-from-Hub feature.
-_KNOWN_KEYS = {"enabled", "repo_id", "organization", "private", "optimizer_save_mode", "strategy", "weights_format",
-               "dtype", "endpoint", "token", "fail_on_error", "max_shard_size", "namespace", "resume",
-               "bootstrap_from", "lora"}  # bootstrap_from: optional, given as +hf_upload.bootstrap_from=PATH (training/hub_resume.py)
-
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    node = cfg
-    for part in key.split("."):
-        if node is None or not hasattr(node, "get"):
-            return default
-        node = node.get(part, None)
-    return default if node is None else node
+    """``cfg``'s dotted ``key`` (a config node or a plain dict), ``default`` when absent or null."""
+    value = OmegaConf.select(cfg if OmegaConf.is_config(cfg) else OmegaConf.create(cfg or {}), key, default=None)
+    return default if value is None else value
+
+
+def hf_upload_section(cfg: Any) -> Any:
+    """The run's ``hf_upload`` block, typed (:class:`training.config_schema.HfUploadConfig`: defaults filled).
+
+    Raises:
+        InvalidUploadConfigError: an unknown key or a wrong type (a typo would otherwise be ignored).
+    """
+    try:  # `bootstrap_from` is the one key outside the schema: given as +hf_upload.bootstrap_from=PATH
+        return typed_section("hf_upload", _get(cfg, "hf_upload"), extra=("bootstrap_from",))
+    except ConfigError as e:
+        raise InvalidUploadConfigError(str(e)) from None
 
 
 def uploader_settings(cfg: Any) -> dict[str, Any]:
@@ -59,38 +65,66 @@ def uploader_settings(cfg: Any) -> dict[str, Any]:
     datasets with their weights.
 
     Raises:
-        InvalidUploadConfigError: an unknown ``hf_upload`` key (a typo would otherwise be ignored).
+        InvalidUploadConfigError: an unknown ``hf_upload`` key or a wrong type (a typo would otherwise be ignored).
     """
-    hf = _get(cfg, "hf_upload", {}) or {}
-    unknown = sorted(set(hf.keys()) - _KNOWN_KEYS)
-    if unknown:
-        raise InvalidUploadConfigError(
-            f"hf_upload.{unknown[0]} is not a known key; valid keys: {', '.join(sorted(_KNOWN_KEYS))}."
-        )
+    hf = hf_upload_section(cfg)
     datasets = _get(cfg, "reasoning_gym.datasets", {}) or {}
     card_info: dict[str, Any] = {
         "datasets": {str(name): float((spec or {}).get("weight", 1.0)) for name, spec in datasets.items()},
+        "dataset_configs": {str(name): _plain((spec or {}).get("config") or {}) for name, spec in datasets.items()},
         "extra": {"experiment": str(_get(cfg, "trainer.experiment_name", ""))},
+        "max_new_tokens": int(_get(cfg, "data.max_response_length", 64)),
     }
     base_model = str(_get(cfg, "actor_rollout_ref.model.path", "") or "")
     if base_model and not base_model.startswith("tiny://") and not base_model.startswith("/"):
         card_info["base_model"] = base_model  # a Hub id; local paths mean nothing to readers of the card
     return {
-        "lora": str(hf.get("lora", None) or "adapter"),  # LoRA runs only: adapter | merged | both
+        "lora": hf.lora,  # LoRA runs only: adapter | merged | both
         # adapter_config.json's base_model_name_or_path: the Hub id, or the local folder the run loaded
         "lora_base_model": base_model if base_model and not base_model.startswith("tiny://") else None,
-        "repo_id": hf.get("repo_id", None),
-        "organization": hf.get("organization", None) or None,
-        "private": bool(hf.get("private", False)),
-        "optimizer_save_mode": hf.get("optimizer_save_mode", None),
-        "endpoint": hf.get("endpoint", None) or None,
-        "weights_format": str(hf.get("weights_format", "bin")),
-        "dtype": str(hf.get("dtype", "auto")),
-        "max_shard_size": hf.get("max_shard_size", "5GB"),
-        "strategy": str(hf.get("strategy", "end")),
-        "namespace": str(hf.get("namespace", None) or ""),
+        "repo_id": hf.repo_id,
+        "organization": hf.organization or None,
+        "private": hf.private,
+        "optimizer_save_mode": hf.optimizer_save_mode,
+        "endpoint": hf.endpoint or None,
+        "weights_format": hf.weights_format,
+        "dtype": hf.dtype,
+        "max_shard_size": hf.max_shard_size,
+        "strategy": hf.strategy,
+        "namespace": hf.namespace or "",
+        "request_timeout": float(hf.request_timeout) if hf.request_timeout else None,
+        "max_attempts": _positive(hf.max_attempts, "hf_upload.max_attempts"),
         "card_info": card_info,
     }
+
+
+def _positive(value: Any, key: str) -> int:
+    if int(value) < 1:
+        raise InvalidUploadConfigError(f"{key}={value}: give at least 1 (1 = no retry)")
+    return int(value)
+
+
+def _plain(node: Any) -> Any:
+    try:
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    except ImportError:  # pragma: no cover - omegaconf comes with hydra
+        return node
+
+
+def prompt_example(cfg: Any) -> dict[str, str]:
+    """The run's system prompt and one val question, for the card's load-and-generate snippet (best effort)."""
+    rg = _get(cfg, "reasoning_gym", None)
+    if rg is None:
+        return {}
+    try:
+        from training.data import build_reasoning_gym_dataset, system_prompt
+
+        return {"system_prompt": system_prompt(rg), "example_question": build_reasoning_gym_dataset(rg, "val")[0]["question"]}
+    except Exception as e:  # noqa: BLE001 - a card without an example question is still a card
+        logger.debug("no example question for the model card: %s", e)
+        return {}
 
 
 def uploader_from_config(cfg: Any, *, token: str | None = None, **overrides: Any) -> HuggingFaceUploader:
@@ -150,17 +184,3 @@ def setup_hub_upload(cfg: Any) -> PreflightReport | None:
                   flush=True)
             cfg.trainer.save_freq = FORCED_SAVE_FREQ
     return report
-
-
-def headline_step_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
-    """The reward/score/accuracy metrics of a step as plain floats (for commit messages, cards and markers)."""
-    out: dict[str, float] = {}
-    for key, value in (metrics or {}).items():
-        k = str(key).lower()
-        if not any(word in k for word in ("reward", "score", "acc")):
-            continue
-        try:
-            out[str(key)] = float(value)
-        except (TypeError, ValueError):
-            continue
-    return out

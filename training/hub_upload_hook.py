@@ -39,14 +39,16 @@ from omegaconf import open_dict
 from verl.trainer.ppo.checkpoint_callback import CheckpointCallback
 
 from training.cluster_gather import ClusterLayout, locate_ranks, start_readers
-from training.hub_upload import headline_step_metrics, uploader_settings
+from training.config_schema import section_defaults
+from training.hub_upload import prompt_example, uploader_settings
+from training.upload_actor import UploadOutcome, _UploadActor
 from utils.hub.background import BackgroundUploader, UploadJob
+from utils.hub.card import headline_metrics
 from utils.hub.errors import UploadFailedError
 
 __all__ = ["HubUploadCallback", "PROGRESS_EVERY_S", "CLUSTER_RESUME_COMMAND"]
 
 PROGRESS_EVERY_S = 15.0
-UPLOAD_NICENESS = 10
 # Finishes an upload whose gather failed (a node was down): joins the cluster, finds the ranks' files, uploads.
 CLUSTER_RESUME_COMMAND = "python -m training.cluster_upload resume"
 
@@ -54,70 +56,6 @@ CLUSTER_RESUME_COMMAND = "python -m training.cluster_upload resume"
 def _log(msg: str, *, error: bool = False) -> None:
     # print, not logging: Ray forwards actor stdout/stderr to the driver's console, loggers of actors are unset.
     print(f"[hf_upload] {msg}", file=sys.stderr if error else sys.stdout, flush=True)
-
-
-# One actor per run does every upload: a dedicated process (the lowered priority never reaches a pooled Ray worker
-# that later runs training work), warm after the first upload (torch, transformers, huggingface_hub imported once).
-# num_cpus=0: placement groups may hold every CPU of the node, and the work is mostly I/O and hashing.
-@ray.remote(num_cpus=0, max_restarts=0)
-class _UploadActor:
-    """Consolidates + uploads checkpoints, one call at a time, in a low-priority process on rank 0's node."""
-
-    def __init__(self, settings: dict[str, Any], token: str | None = None):
-        try:  # hashing and copying yield the CPU to the training ranks on the same node
-            os.nice(UPLOAD_NICENESS)
-        except OSError:
-            pass
-        self.settings = settings
-        # The token arrives as an argument, not through the runtime environment: Ray's runtime_env agent logs
-        # env_vars in clear (runtime_env_agent.log), and a joined cluster's workers do not inherit the driver's env.
-        self.token = token
-
-    def upload(self, checkpoint_dir: str, step: int, metrics: dict[str, float] | None,
-               gather: dict[str, Any] | None = None) -> dict:
-        """Returns a plain, picklable dict (``ok`` and a summary, or the error and the pending marker).
-
-        ``gather`` (multi-node runs): ``{"layout": ClusterLayout, "readers": {node id: ShardReader}}``; the files of
-        other nodes are copied here first (nothing moves on shared storage) and removed after a successful upload.
-        """
-        from utils.hf_uploader import HuggingFaceUploader
-
-        try:
-            uploader = HuggingFaceUploader(token=self.token, **self.settings)
-            report = None
-            if gather is not None and _hub_answers(uploader):  # a Hub that refuses: no bytes moved for nothing
-                from training.cluster_upload import gather_for_upload
-
-                report, failure = gather_for_upload(uploader, Path(checkpoint_dir), step, metrics, **gather)
-                if failure is not None:
-                    return failure
-            result = uploader.upload_from_checkpoint_dir(checkpoint_dir, step=step, metrics=metrics)
-        except UploadFailedError as e:
-            out = {"ok": False, "error": str(e), "marker": e.pending_marker}
-            if gather is not None and e.pending_marker:  # other nodes' files are needed: only a cluster resume works
-                from training.cluster_upload import resume_command
-
-                out["resume_command"] = resume_command(checkpoint_dir)
-            return out
-        except Exception as e:  # noqa: BLE001 - reported by the driver; e.g. a corrupt checkpoint
-            return {"ok": False, "error": f"{type(e).__name__}: {e}".splitlines()[0], "marker": None}
-        summary = result.summary()
-        if report is not None:
-            report.remove_fetched()  # each node keeps only its own ranks' files
-            summary += f"; {report.summary()}"
-        return {"ok": True, "summary": summary, "tag": result.tag, "commit": result.commit_sha,
-                "bytes_gathered": report.bytes_moved if report else 0}
-
-
-def _hub_answers(uploader: Any) -> bool:
-    """Preflight before gathering; ``False`` if the Hub is unreachable (the upload then fails with its marker)."""
-    from utils.hub.errors import HubUnreachableError
-
-    try:
-        uploader.preflight()
-    except HubUnreachableError:
-        return False
-    return True
 
 
 class HubUploadCallback(CheckpointCallback):
@@ -130,8 +68,14 @@ class HubUploadCallback(CheckpointCallback):
     def __init__(self, config: Any = None):
         super().__init__(config)
         self.settings = {**uploader_settings(config), "progress": False}
+        # the card's generate snippet: the run's system prompt and a val question (imports the data module, so
+        # here in the TaskRunner, not in the driver's preflight)
+        self.settings["card_info"] = {**self.settings["card_info"], **prompt_example(config)}
         self.strategy = self.settings["strategy"]
         self.fail_on_error = bool(config.hf_upload.get("fail_on_error", False))
+        wait = config.hf_upload.get("final_wait_timeout", None)
+        # unset only in a config built without the typed section: its default is written once, in config_schema
+        self.final_wait_timeout = float(wait if wait is not None else section_defaults("hf_upload")["final_wait_timeout"])
         self.keep: int | None = None
         self._saved: list[Path] = []  # this run's step dirs still holding actor shards, oldest first
         self._unsubmitted: tuple[Path, int, bool] | None = None  # saved, waiting for the step's metrics
@@ -141,6 +85,7 @@ class HubUploadCallback(CheckpointCallback):
         self._readers: dict[str, Any] = {}  # node id -> ShardReader, multi-node runs only
         self._actor: Any = None  # the _UploadActor, started by the first upload
         self._finished = False
+        self._abandoned: list[UploadJob] = []  # uploads stopped when hf_upload.final_wait_timeout ran out
         if self.strategy != "end":
             self._take_over_rotation(config)
 
@@ -181,12 +126,17 @@ class HubUploadCallback(CheckpointCallback):
     def on_step_metrics(self, global_step: int, metrics: dict[str, Any]) -> None:
         """Submit this step's checkpoint (if any) with its metrics; called by the trainer after veRL computes them."""
         if self._unsubmitted is not None and self._unsubmitted[1] == int(global_step):
-            self._submit(*self._unsubmitted, metrics=headline_step_metrics(metrics))
+            step_dir = self._unsubmitted[0]
+            card = _curves_beside_checkpoint(step_dir, int(global_step), metrics)
+            self._submit(*self._unsubmitted, metrics={**headline_metrics(metrics, limit=None), **card})
             self._unsubmitted = None
 
     # ------------------------------------------------------------------ end of run
     def finish(self, *, timeout: float | None = None) -> list[UploadJob]:
         """Wait for the uploads (progress every ``PROGRESS_EVERY_S``), report, rotate; raise if ``fail_on_error``.
+
+        The wait ends after ``timeout`` seconds (default ``hf_upload.final_wait_timeout``): an upload still running
+        then is stopped, and its step directory gets ``upload_pending.json`` with the command that finishes it.
 
         Returns:
             Every upload job of the run.
@@ -202,13 +152,17 @@ class HubUploadCallback(CheckpointCallback):
             self._unsubmitted = None
         if self._bg is None:
             return []
-        started, deadline = time.monotonic(), None if timeout is None else time.monotonic() + timeout
-        while not self._bg.wait(PROGRESS_EVERY_S):
+        timeout = self.final_wait_timeout if timeout is None else timeout
+        started, deadline = time.monotonic(), time.monotonic() + timeout
+        abandoned: list[UploadJob] = []
+        while not self._bg.wait(min(PROGRESS_EVERY_S, max(0.0, deadline - time.monotonic()))):
             running = [j for j in self._bg.jobs if j.state in ("running", "queued")]
-            _log(f"waiting for the Hub upload of step(s) {', '.join(str(j.step) for j in running)} "
-                 f"({time.monotonic() - started:.0f}s so far)")
-            if deadline is not None and time.monotonic() > deadline:
+            if time.monotonic() >= deadline:
+                self._give_up(running, timeout)
+                abandoned = running
                 break
+            _log(f"waiting for the Hub upload of step(s) {', '.join(str(j.step) for j in running)} "
+                 f"({time.monotonic() - started:.0f}s so far, at most {timeout:.0f}s: hf_upload.final_wait_timeout)")
         jobs = self._bg.finish(timeout=0)
         if self._actor is not None:
             ray.kill(self._actor)
@@ -217,11 +171,34 @@ class HubUploadCallback(CheckpointCallback):
         for reader in self._readers.values():
             ray.kill(reader)
         self._readers = {}
-        failed = [j for j in jobs if j.state == "failed"]
+        failed = [j for j in jobs if j.state == "failed" or j in abandoned]
         if failed and self.fail_on_error:
             raise UploadFailedError(f"{len(failed)} Hub upload(s) failed (hf_upload.fail_on_error=true); see the "
                                     "[hf_upload] ERROR lines above for the command that finishes them")
         return jobs
+
+    def _give_up(self, unfinished: list[UploadJob], timeout: float) -> None:
+        """The final wait ran out: leave a marker per unfinished upload, say so, and stop the upload actor."""
+        from utils.hf_uploader import HuggingFaceUploader
+        from utils.hub.pending import PendingUpload, write_pending
+
+        self._abandoned.extend(unfinished)
+        options = HuggingFaceUploader(**self.settings).options()
+        for job in unfinished:
+            reason = (f"the run stopped waiting for this upload after {timeout:.0f}s (hf_upload.final_wait_timeout)")
+            try:
+                write_pending(job.checkpoint_dir, PendingUpload(
+                    checkpoint_dir=str(job.checkpoint_dir), repo_id=self.settings["repo_id"], step=job.step,
+                    options={**options, "metrics": dict(job.metrics or {}), "base_model": None}, error=reason))
+                _log(f"ERROR step {job.step}: {reason}; stopped it. upload_pending.json left in {job.checkpoint_dir}; "
+                     f"finish the job with: python utils/hf_uploader.py resume {job.checkpoint_dir}", error=True)
+            except Exception as e:  # noqa: BLE001 - report what we could not leave behind, keep going
+                _log(f"ERROR step {job.step}: {reason}, and upload_pending.json could not be written ({e}); retry "
+                     f"with: python utils/hf_uploader.py upload {job.checkpoint_dir} --repo-id "
+                     f"{self.settings['repo_id']}", error=True)
+        if self._actor is not None:  # stops the in-flight upload; its staging folder is swept by the next one
+            ray.kill(self._actor)
+            self._actor = None
 
     # ------------------------------------------------------------------ internals
     def _locate(self, trainer: Any) -> None:
@@ -246,7 +223,8 @@ class HubUploadCallback(CheckpointCallback):
         self._bg.submit(step_dir, step, final=final, metrics=metrics)
         _log(f"step {step}: {'final ' if final else ''}upload to {self.settings['repo_id']} queued")
 
-    def _upload_on_rank0_node(self, checkpoint_dir: Path, step: int, metrics: dict[str, float] | None) -> dict:
+    def _upload_on_rank0_node(self, checkpoint_dir: Path, step: int,
+                              metrics: dict[str, float] | None) -> UploadOutcome:
         if self._actor is None:
             options: dict[str, Any] = {}
             if self._node_id:
@@ -255,20 +233,21 @@ class HubUploadCallback(CheckpointCallback):
                 options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=self._node_id, soft=False)
             self._actor = _UploadActor.options(**options).remote(self.settings, os.environ.get("HF_TOKEN") or None)
         gather = {"layout": self._layout, "readers": self._readers} if self._readers else None
-        out = ray.get(self._actor.upload.remote(str(checkpoint_dir), step, metrics, gather))
-        if not out["ok"]:
-            error = UploadFailedError(out["error"], pending_marker=out.get("marker"))
-            error.resume_command = out.get("resume_command")  # type: ignore[attr-defined]
-            raise error
-        return out
+        outcome: UploadOutcome = ray.get(self._actor.upload.remote(str(checkpoint_dir), step, metrics, gather))
+        if outcome.traceback:
+            _log(f"step {step}: upload traceback ({outcome.error_class}):\n{outcome.traceback.rstrip()}", error=True)
+        return outcome.raise_if_failed()
 
     def _report(self, job: UploadJob) -> None:
+        if job in self._abandoned:  # stopped by the final wait's limit: _give_up already said so, marker left
+            return
         if job.state == "done":
-            _log(f"step {job.step}: uploaded {job.result['summary']}")
+            _log(f"step {job.step}: uploaded {job.result.summary}")
             return
         step_dir = job.checkpoint_dir
-        marker = getattr(job.error, "pending_marker", None)
-        reason = str(job.error).split("; finish it later with:")[0].rstrip(". ")
+        failed = isinstance(job.error, UploadFailedError)
+        marker = job.error.pending_marker if failed else None
+        reason = (job.error.reason if failed else str(job.error)).rstrip(". ")
         command = getattr(job.error, "resume_command", None)
         if marker and command:
             _log(f"ERROR step {job.step}: {reason}. upload_pending.json left in {step_dir}; once the node is back, "
@@ -291,7 +270,14 @@ class HubUploadCallback(CheckpointCallback):
             if step_dir in pinned:
                 continue  # an upload reads it; deleted by a later save or at finish
             _log(f"rotation: removing {step_dir / 'actor'} (max_actor_ckpt_to_keep={self.keep})")
-            shutil.rmtree(step_dir / "actor", ignore_errors=True)
+            try:
+                shutil.rmtree(step_dir / "actor")
+            except FileNotFoundError:
+                pass  # removed already (by hand, or by veRL)
+            except OSError as e:  # said out loud, not ignored: the disk fills up otherwise; retried next save
+                _log(f"ERROR rotation could not remove {step_dir / 'actor'}: {e}; will retry at the next save",
+                     error=True)
+                continue
             if self._readers:  # node-local disks: the other nodes hold their ranks' shards too (veRL rotates on rank 0)
                 here = ray.get_runtime_context().get_node_id()
                 ray.get([r.remove_tree.remote(str(step_dir / "actor")) for node, r in self._readers.items()
@@ -299,3 +285,16 @@ class HubUploadCallback(CheckpointCallback):
             self._saved.remove(step_dir)
 
 
+def _curves_beside_checkpoint(step_dir: Path, step: int, metrics: dict[str, Any]) -> dict[str, float]:
+    """Draw the run's curves up to ``step`` into ``step_dir/training_curves.png`` (the uploader puts it beside the
+    model and the card shows it); return the card's result metrics. Best effort: a plot never blocks an upload."""
+    log = os.environ.get("VERL_FILE_LOGGER_PATH")  # set by ReasoningGymTrainer when trainer.logger has `file`
+    if not log:
+        return {}
+    try:
+        from training.report import CURVES_FILE, curves_for_step
+
+        return curves_for_step(log, step, metrics, step_dir / CURVES_FILE)
+    except Exception as e:  # noqa: BLE001 - the upload goes ahead without the picture
+        _log(f"step {step}: training curves not drawn ({type(e).__name__}: {e})", error=True)
+        return {}

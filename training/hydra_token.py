@@ -5,11 +5,10 @@ into the run directory *before* the task function runs, so redacting inside ``ma
 ``on_run_start`` callback runs after the config is composed and before those files are written: there the token
 moves into ``HF_TOKEN`` (where the uploader, Ray workers and ``resume`` read it) and every copy in the config is
 replaced, so the token is never written. Multirun jobs are composed again per job after ``on_run_start``; for them
-``on_job_start`` rewrites the three files just written. The configs register the callback:
+``on_job_start`` rewrites the three files just written.
 
-    hydra:
-      callbacks:
-        redact_hub_token: {_target_: training.hydra_token.RedactHubToken}
+The entry point registers the callback once, for any config (a user's own included), by adding
+:data:`CALLBACK_OVERRIDE` to the command line (:func:`with_redaction_callback`); no YAML has to carry it.
 """
 
 from __future__ import annotations
@@ -21,10 +20,22 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-__all__ = ["REDACTED", "RedactHubToken", "redact_token_in_config"]
+__all__ = ["CALLBACK_OVERRIDE", "REDACTED", "RedactHubToken", "redact_token_in_config", "with_redaction_callback"]
 
 REDACTED = "<redacted: moved to HF_TOKEN>"
 _TOKEN_KEY = "hf_upload.token"
+# `++`: set it even when a config already lists the callback (older configs did).
+CALLBACK_OVERRIDE = "++hydra.callbacks.redact_hub_token._target_=training.hydra_token.RedactHubToken"
+
+
+def with_redaction_callback(argv: list[str]) -> list[str]:
+    """``argv`` plus the Hydra override that registers :class:`RedactHubToken` (once, whatever the config).
+
+    Example:
+        >>> with_redaction_callback(["train_grpo.py", "trainer.total_training_steps=2"])[-1]
+        '++hydra.callbacks.redact_hub_token._target_=training.hydra_token.RedactHubToken'
+    """
+    return [*argv, CALLBACK_OVERRIDE]
 
 
 def redact_token_in_config(config: DictConfig) -> str | None:

@@ -181,7 +181,7 @@ _KWARG_KEYS = frozenset({"use_accuracy", "secondary_rewards", "tokenizer_path", 
 
 
 def _plain(cfg: Any) -> Any:
-    from training.data import to_plain
+    from training.config_schema import to_plain
 
     return to_plain(cfg)
 
@@ -310,9 +310,10 @@ def compute_score(
             `max_response_tokens` (see `validate_reward_config`); other keys veRL may add are ignored.
 
     Returns:
-        `{"score": total, "accuracy": a, "acc": a, "answer_found": 0/1, "scorer_error": 0/1, <reward name>: raw
-        value for each secondary reward}` - the same keys on every call. `score` = use_accuracy * a +
-        sum(scaling_factor * value).
+        `{"score": total, "accuracy": a, "acc": a, "exact": 0/1, "answer_found": 0/1, "scorer_error": 0/1,
+        <reward name>: raw value for each secondary reward}` - the same keys on every call. `score` =
+        use_accuracy * a + sum(scaling_factor * value). `exact` is 1 only for a full score (the dataset's scorer
+        may give partial credit): veRL reports it per task as `val-aux/<task>/exact/mean@N`, the demo's headline.
 
     Raises:
         RewardError: No entry in `extra_info`, or an entry that does not belong to this row (wiring bug).
@@ -348,6 +349,7 @@ def compute_score(
         "score": accuracy if settings.get("use_accuracy", True) else 0.0,
         "accuracy": accuracy,
         "acc": accuracy,
+        "exact": float(accuracy >= 1.0),
         "answer_found": float(answer is not None),
         "scorer_error": float(scorer_error),
     }

@@ -23,13 +23,14 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from training.errors import TinyModelError
 
 __all__ = [
     "CHAT_TEMPLATE",
+    "atomic_cached_build",
     "DEMO_DATASETS",
     "MODEL_DIMS",
     "TAG_TOKENS",
@@ -192,10 +193,22 @@ def ensure_tiny_model(cache_dir: str | os.PathLike | None = None, *, datasets: l
     spec = _spec(names)
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    final = root / f"tiny-qwen2-{key}"
+    return atomic_cached_build(root / f"tiny-qwen2-{key}", lambda out: _build_into(out, names, spec))
+
+
+def atomic_cached_build(final: Path, build: Callable[[Path], None]) -> str:
+    """Return ``final`` once it holds a complete build, building it with ``build(tmp_dir)`` if needed.
+
+    ``build`` writes into a private temp dir beside ``final`` and must write ``manifest.json`` last; the temp dir is
+    then renamed into place. Concurrent callers each build and the first rename wins; a reader never sees a
+    half-written folder, and a failed build leaves nothing behind.
+
+    Raises:
+        TinyModelError: The build failed (``build``'s own ``TinyModelError`` passes through).
+    """
     if (final / _MANIFEST).is_file():
         return str(final)
-
+    root = final.parent
     root.mkdir(parents=True, exist_ok=True)
     if final.exists():
         # A directory without its manifest can only come from a crash in an older, non-atomic writer: nothing
@@ -211,7 +224,7 @@ def ensure_tiny_model(cache_dir: str | os.PathLike | None = None, *, datasets: l
 
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
-        _build_into(tmp, names, spec)
+        build(tmp)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -222,6 +235,6 @@ def ensure_tiny_model(cache_dir: str | os.PathLike | None = None, *, datasets: l
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, TinyModelError):
             raise
-        raise TinyModelError(f"building the tiny model into {final} failed: {e}") from e
+        raise TinyModelError(f"building {final} failed: {e}") from e
     shutil.rmtree(tmp, ignore_errors=True)  # no-op when the rename succeeded
     return str(final)

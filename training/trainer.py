@@ -20,14 +20,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
+from pathlib import Path
 from typing import Any
 
+import psutil
 import ray
 from omegaconf import DictConfig, OmegaConf, open_dict
 from verl.trainer.main_ppo import TaskRunnerV1
 from verl.trainer.ppo.v1 import PPOTrainerSync, register_trainer
 
-from training.errors import ConfigError
+from training.config_checks import TINY_MODEL_PATHS
+from training.errors import ConfigError, MissingRewardKeyError
+from training.progress import ProgressLine, val_exact
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +40,13 @@ TRAINER_MODE = "rg_sync"
 TINY_MODEL_SCHEME = "tiny://"
 CURRICULUM_STATE_FILE = "curriculum_state.json"
 
-__all__ = ["GRPOTaskRunner", "ReasoningGymTrainer", "TRAINER_MODE", "TaskRunnerLauncher", "prepare_config",
-           "resolve_model_path"]
+__all__ = ["GRPOTaskRunner", "ReasoningGymTrainer", "TRAINER_MODE", "TaskRunnerLauncher", "metric_log_path",
+           "prepare_config", "resolve_model_path"]
 
 
 def resolve_model_path(path: str, *, cache_dir: str | None = None) -> str:
-    """Resolve ``tiny://qwen2`` to the offline tiny model directory (built once, cached); pass others through.
+    """Resolve ``tiny://qwen2`` (random init, for fast tests) and ``tiny://qwen2-warm`` (after a short supervised
+    warm-up on the demo task, see :mod:`training.warm_model`) to their cached directories; pass others through.
 
     Args:
         path: ``actor_rollout_ref.model.path``.
@@ -58,8 +64,12 @@ def resolve_model_path(path: str, *, cache_dir: str | None = None) -> str:
     """
     if not str(path).startswith(TINY_MODEL_SCHEME):
         return path
-    if path != "tiny://qwen2":
-        raise ConfigError(f"actor_rollout_ref.model.path={path!r}: the only tiny model is 'tiny://qwen2'")
+    if path not in TINY_MODEL_PATHS:
+        raise ConfigError(f"actor_rollout_ref.model.path={path!r}: unknown tiny model; use one of {list(TINY_MODEL_PATHS)}")
+    if path == "tiny://qwen2-warm":
+        from training.warm_model import ensure_warm_model
+
+        return ensure_warm_model(cache_dir)
     from training.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model(cache_dir)
@@ -73,6 +83,9 @@ def prepare_config(cfg: DictConfig) -> DictConfig:
     as ``hf_upload.token`` moves to ``HF_TOKEN`` (Ray workers inherit it) and is blanked in the config, which
     veRL prints and hands to its loggers (wandb stores it).
     """
+    # TransferQueue sizes its torch thread pool at 8 and warns on every put/get when the machine has fewer physical
+    # cores (91 warnings in a 30-step demo on 2 cores): ask for what exists. Ray workers inherit the variable.
+    os.environ.setdefault("TQ_NUM_THREADS", str(min(8, psutil.cpu_count(logical=False) or 1)))
     with open_dict(cfg):
         if cfg.get("hf_upload", None) is not None and cfg.hf_upload.get("token", None):
             os.environ["HF_TOKEN"] = str(cfg.hf_upload.token)
@@ -94,12 +107,28 @@ class ReasoningGymTrainer(PPOTrainerSync):
     """veRL's synchronous V1 trainer plus reasoning-gym curriculum updates after each step's rewards."""
 
     curriculum = None
+    progress: ProgressLine | None = None
 
     def __init__(self, config: DictConfig) -> None:
         super().__init__(config)
         # veRL branches on the mode *name* ("sync" vs the async modes: TransferQueue state in checkpoints,
         # re-issued prompts on resume); this trainer is veRL's sync trainer, so it answers to "sync".
         self.trainer_mode = "sync"
+        self.metric_log = metric_log_path(config)
+
+    def on_train_begin(self) -> None:
+        super().on_train_begin()
+        # Started here, after setup and the initial validation, so s/step and the ETA measure training steps.
+        self.progress = ProgressLine(self.total_training_steps, start_step=self.global_steps - 1)
+
+    def _validate(self) -> dict[str, float]:
+        val_metrics = super()._validate()
+        if self.progress is None:  # before training: the progress lines start later, so say it here
+            exact = val_exact(val_metrics)
+            shown = ", ".join(f"{task} {value:.2f}" for task, value in sorted(exact.items()))
+            print(f"validation before training (step {self.global_steps}): exact-answer accuracy {shown or 'n/a'}",
+                  flush=True)
+        return val_metrics
 
     def _init_dataloader(self) -> None:
         super()._init_dataloader()
@@ -141,6 +170,34 @@ class ReasoningGymTrainer(PPOTrainerSync):
         return changes
 
     @staticmethod
+    def _train_accuracy(batch: Any) -> dict[str, float]:
+        """``train/exact_acc`` and ``train/accuracy``: means over this step's rollouts (veRL logs val only)."""
+        import transfer_queue as tq
+
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields"])
+        infos = [((extra or {}).get("reward_extra_info", {}) or {}) for extra in _as_list(data["extra_fields"])]
+        out = {}
+        for key, name in (("exact", "train/exact_acc"), ("accuracy", "train/accuracy")):
+            values = [float(info[key]) for info in infos if key in info]
+            if values:
+                out[name] = sum(values) / len(values)
+        return out
+
+    def final_report(self) -> None:
+        """At the end of a run: the curves PNG beside the metric log and the before/after accuracy table."""
+        if self.metric_log is None or not Path(self.metric_log).is_file():
+            return
+        from training.report import ReportError, write_report
+
+        try:
+            png, table = write_report(Path(self.metric_log).parent)
+        except (ReportError, OSError, ImportError) as e:  # a report must never fail a finished run
+            print(f"training report: not written ({type(e).__name__}: {e})", flush=True)
+            return
+        print(f"{table}\ntraining curves: {png.resolve()}\n(redraw any time: python -m training.report "
+              f"{Path(self.metric_log).parent})", flush=True)
+
+    @staticmethod
     def _step_accuracy(batch: Any) -> tuple[list[float], list[str]]:
         """Per-completion ``accuracy`` and ``data_source`` of a step, from veRL's TransferQueue.
 
@@ -158,7 +215,7 @@ class ReasoningGymTrainer(PPOTrainerSync):
         for extra in _as_list(data["extra_fields"]):
             info = (extra or {}).get("reward_extra_info", {}) or {}
             if "accuracy" not in info:
-                raise KeyError(
+                raise MissingRewardKeyError(
                     "curriculum.enabled needs the reward function to return an 'accuracy' key per completion "
                     f"(training.rewards.compute_score does); got keys {sorted(info)}"
                 )
@@ -167,18 +224,22 @@ class ReasoningGymTrainer(PPOTrainerSync):
 
     def _save_checkpoint(self) -> None:
         folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
-        # issue 5: lineage (tracking run id, config hash, veRL version) beside the shards, for trainer_state.json
+        # lineage (tracking run id, config hash, veRL version) beside the shards, for trainer_state.json
         from training.hub_resume import write_lineage
 
         write_lineage(self.config, folder)
         if self.curriculum is not None:
             os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(folder, CURRICULUM_STATE_FILE), "w") as f:
-                json.dump(self.curriculum.state_dict(), f)
+            from utils.checkpoint.tempdirs import write_text_atomic  # temp file + rename: never half a document
+
+            write_text_atomic(os.path.join(folder, CURRICULUM_STATE_FILE), json.dumps(self.curriculum.state_dict()))
         super()._save_checkpoint()
 
     def _compute_metrics(self, batch: Any, metrics: dict, timing_raw: dict, global_steps: int, epoch: int) -> Any:
         result = super()._compute_metrics(batch, metrics, timing_raw, global_steps, epoch)
+        metrics.update(self._train_accuracy(batch))
+        if self.progress is not None:
+            self.progress.update(global_steps, metrics)
         # Hub upload hook (training/hub_upload_hook.py): veRL saves before it computes the step's metrics, so the
         # callback submits this step's checkpoint now, with its rewards for the commit message and model card.
         on_step_metrics = getattr(self.checkpoint_callback, "on_step_metrics", None)
@@ -198,7 +259,6 @@ class ReasoningGymTrainer(PPOTrainerSync):
                     self.curriculum.load_state_dict(json.load(f))
                 logger.info("curriculum restored from %s: %s", path, self.curriculum.levels())
         return result
-
 
     def _place_rank_files(self) -> None:
         """Multi-node with node-local disks: the step veRL is about to load (``hf_upload.resume`` resharded it on
@@ -224,6 +284,30 @@ class ReasoningGymTrainer(PPOTrainerSync):
             print(f"multi-node resume: the ranks' files of {step_dir} are on their nodes ("
                   + ", ".join(f"{layout.label(n)}: {b / 1e6:.1f} MB copied" for n, b in moved.items()) + ")",
                   flush=True)
+
+
+def metric_log_path(config: Any) -> str | None:
+    """Where veRL's ``file`` logger writes this run's metrics: ``<trainer.default_local_dir>/metrics.jsonl``.
+
+    Sets ``VERL_FILE_LOGGER_PATH`` (read by ``verl.utils.tracking.FileLogger`` in this process) unless the user set
+    it; a file left by an earlier run in the same folder (a resume) is moved aside to ``metrics-<time>.jsonl``
+    first, because veRL opens the log with ``"wb"``. ``None`` when ``trainer.logger`` has no ``file``.
+    """
+    loggers = config.trainer.get("logger", []) or []
+    if isinstance(loggers, str):
+        loggers = [loggers]
+    if "file" not in loggers:
+        return None
+    if os.environ.get("VERL_FILE_LOGGER_PATH"):
+        return os.environ["VERL_FILE_LOGGER_PATH"]
+    from training.report import METRICS_FILE
+
+    path = Path(config.trainer.default_local_dir) / METRICS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and path.stat().st_size:
+        path.rename(path.with_name(f"metrics-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"))
+    os.environ["VERL_FILE_LOGGER_PATH"] = str(path.resolve())
+    return str(path.resolve())
 
 
 def _as_list(values: Any) -> list:
@@ -254,9 +338,13 @@ class GRPOTaskRunner(TaskRunnerV1.__ray_actor_class__):  # type: ignore[name-def
         finally:
             # Hub upload hook: the last (background) upload must finish before the run ends; this waits with
             # progress lines and raises only with hf_upload.fail_on_error (training/hub_upload_hook.py).
-            finish = getattr(getattr(getattr(self, "trainer", None), "checkpoint_callback", None), "finish", None)
+            trainer = getattr(self, "trainer", None)
+            finish = getattr(getattr(trainer, "checkpoint_callback", None), "finish", None)
             if finish is not None:
                 finish()
+        final_report = getattr(trainer, "final_report", None)
+        if final_report is not None:
+            final_report()
 
 
 class TaskRunnerLauncher:

@@ -7,4 +7,5 @@ that transformers reads, so it runs on a laptop with torch and huggingface_hub a
     utils/hf_uploader.py       public face of ``utils.hub``: ``upload_checkpoint_to_hf``, ``HuggingFaceUploader``, CLI
     utils/checkpoint/          veRL shards -> Hugging Face folder (layout, merge, writer, optimizer, reshard)
     utils/hub/                 the Hub (client, push planner, verify, snapshots, pending markers, card, background)
+    utils/errlog.py            full tracebacks to a log file; the console line names it
 """

@@ -31,35 +31,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python utils/hf_uploader.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.hub.cli import main  # noqa: E402
-from utils.hub.uploader import (  # noqa: E402
-    VALID_OPTIMIZER_SAVE_MODES,
-    VALID_STRATEGIES,
-    VALID_WEIGHT_FORMATS,
-    BackfillRow,
-    HuggingFaceUploader,
-    UploadResult,
-    check_staging_space,
-    resolve_repo_id,
-    resume_pending,
-    upload_checkpoint_to_hf,
-    validate_optimizer_save_mode,
-)
+from utils.hub import uploader as _body
+from utils.hub.cli import main
+from utils.hub.uploader import *  # the public names, listed once in utils.hub.uploader.__all__
 
-__all__ = [
-    "HuggingFaceUploader",
-    "UploadResult",
-    "BackfillRow",
-    "upload_checkpoint_to_hf",
-    "resume_pending",
-    "check_staging_space",
-    "resolve_repo_id",
-    "validate_optimizer_save_mode",
-    "VALID_OPTIMIZER_SAVE_MODES",
-    "VALID_STRATEGIES",
-    "VALID_WEIGHT_FORMATS",
-    "main",
-]
+__all__ = [*_body.__all__, "main"]
 
 if __name__ == "__main__":
     sys.exit(main())

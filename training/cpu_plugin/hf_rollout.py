@@ -38,13 +38,11 @@ from verl.workers.config import HFModelConfig, RolloutConfig
 from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutMode, RolloutReplica, TokenOutput
 
+from training.errors import HFRolloutError
+
 logger = logging.getLogger(__name__)
 
 ROLLOUT_NAME = "hf"
-
-
-class HFRolloutError(RuntimeError):
-    """The HF rollout backend was used in a way it does not support, or got weights it cannot load."""
 
 
 def hf_engine_options(config: RolloutConfig | Any) -> dict[str, Any]:

@@ -2,11 +2,16 @@
 
 veRL routes every device call through ``verl.plugin.platform.get_platform()``. It ships ``nvidia``, ``huawei``
 and ``amd`` platforms and, with no accelerator, falls back to ``nvidia`` (device ``cuda``, backend ``nccl``),
-which fails on the first CUDA call. This module registers a fourth platform, ``cpu``, that veRL's own
-auto-detection picks only when none of the accelerator platforms reports itself available (it is probed
-last), or when ``VERL_PLATFORM=cpu`` forces it. GPU machines therefore keep veRL's platform untouched.
+which fails on the first CUDA call. This module registers a fourth platform, ``cpu``, that is chosen **only
+when the run asks for it** with ``VERL_PLATFORM=cpu`` (veRL reads that variable before probing anything; the
+CPU configs set it in ``ray_kwargs.ray_init.runtime_env.env_vars``, which veRL forwards to every Ray worker,
+and ``train_grpo.py`` puts it into the driver's environment, see :mod:`training.platform_request`). It never
+wins by elimination: its probe answers "not available", so a CPU-only head node driving GPU workers, a GPU
+container without ``nvidia-smi`` or a GPU-less actor of a GPU run keeps plain veRL's choice (``nvidia``).
+Probing instantiates every registered platform; the constructor therefore changes nothing unless ``cpu`` was
+requested.
 
-Choices, each fixing a measured failure (see ``shared/reference/verl-0.9.1-on-cpu.md``):
+Choices, each fixing a measured failure:
 
 - backend plain ``gloo``: veRL builds ``cpu:gloo,{device}:{backend}``; ``cpu:gloo`` twice is rejected.
 - Ray resource ``GPU``: veRL's placement groups ask for the platform's resource per worker; Ray is started
@@ -14,7 +19,7 @@ Choices, each fixing a measured failure (see ``shared/reference/verl-0.9.1-on-cp
 - the device module is :class:`CPUDeviceModule`, ``torch.cpu`` plus the CUDA-style calls veRL makes
   (memory statistics, ``mem_get_info``, ``empty_cache``, rng state) as cheap CPU equivalents.
 - ``current_device()`` returns ``"cpu"``: veRL passes it to ``tensor.to(...)``; an ``int`` would mean ``cuda:N``.
-- on activation (:func:`activate_cpu_runtime`, only in processes where veRL chose this platform):
+- on activation (:func:`activate_cpu_runtime`, only in processes that requested this platform):
   ``VERL_ENGINE_DEVICE=cuda`` (veRL registers its device-agnostic FSDP engine for ``cuda``/``npu`` only);
   FSDP2's CPU offload policy without pinned memory (pinning needs an accelerator); and veRL's process-group
   init defaulting to plain ``gloo`` (its ``cpu:gloo,cpu:gloo`` default names ``cpu`` twice). The last two
@@ -41,6 +46,19 @@ from verl.plugin.platform import PlatformBase, PlatformRegistry
 logger = logging.getLogger(__name__)
 
 PLATFORM_NAME = "cpu"
+PLATFORM_ENV = "VERL_PLATFORM"  # veRL's own override, read by verl.plugin.platform before any probe
+
+
+def cpu_platform_requested() -> bool:
+    """Whether this process asked for the ``cpu`` platform (``VERL_PLATFORM=cpu``, case and spaces ignored).
+
+    Example:
+        >>> import os; os.environ["VERL_PLATFORM"] = " CPU "; cpu_platform_requested()
+        True
+        >>> del os.environ["VERL_PLATFORM"]; cpu_platform_requested()
+        False
+    """
+    return os.environ.get(PLATFORM_ENV, "").strip().lower() == PLATFORM_NAME
 
 
 class CPUDeviceModule(ModuleType):
@@ -220,7 +238,10 @@ class PlatformCPU(PlatformBase):
 
     def __init__(self) -> None:
         super().__init__()
-        activate_cpu_runtime()
+        # veRL's auto-detection instantiates every registered platform to probe it, also on GPU machines: only a
+        # process that asked for `cpu` may have veRL's functions rebound.
+        if cpu_platform_requested():
+            activate_cpu_runtime()
 
     # -- device -----------------------------------------------------------------------------------------------
     @property
@@ -239,9 +260,11 @@ class PlatformCPU(PlatformBase):
         return True
 
     def is_platform_available(self, use_smi_check: bool = False) -> bool:
-        # Probed after veRL's accelerator platforms (registration order), so reaching this means none of them
-        # is available here: the CPU is.
-        return True
+        # veRL probes this only when VERL_PLATFORM is unset, i.e. when nobody asked for `cpu`. Answering True here
+        # would make `cpu` win by elimination wherever no GPU answers the probe: a CPU-only head node driving GPU
+        # workers, a GPU container without nvidia-smi, every GPU-less actor of a GPU run. Plain veRL's fallback
+        # (`nvidia`) is right for all of those.
+        return cpu_platform_requested()
 
     def current_device(self) -> str:  # type: ignore[override]
         return "cpu"

@@ -19,6 +19,9 @@ Mental model: one checkpoint flows left to right, one tensor at a time, and noth
     writer        shard plan, streamed safetensors, ``pytorch_model.bin``, index (written last), header checks
     optimizer     name-keyed ``optimizer.pt`` in torch's full optimizer state dict layout
     reshard       a consolidated model + optimizer -> veRL's FSDP2 rank files for any world size
+    safe_state    veRL's pickled trainer state (extra_state, data.pt): weights_only + allow-list, re-serialized
+    tempdirs      temporary folders with an owner record: removed on every exit, swept when stale; SIGTERM
+    space         free-space check before writing; disk-full / vanished-checkpoint errors in plain words
     errors        every specific exception (``CheckpointError`` and subclasses)
 
 The verbs below are imported on first use, so ``import utils.checkpoint.errors`` stays free of torch.
@@ -26,18 +29,7 @@ The verbs below are imported on first use, so ``import utils.checkpoint.errors``
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
-__all__ = [
-    "consolidate_checkpoint",
-    "ConsolidationResult",
-    "detect_layout",
-    "find_step_dirs",
-    "latest_step",
-    "consolidate_optimizer",
-    "write_verl_checkpoint",
-]
+from utils._lazy import lazy_exports
 
 _HOME = {
     "consolidate_checkpoint": "consolidate",
@@ -49,8 +41,5 @@ _HOME = {
     "write_verl_checkpoint": "reshard",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _HOME:
-        return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = list(_HOME)
+__getattr__ = lazy_exports(__name__, _HOME)

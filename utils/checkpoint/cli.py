@@ -1,6 +1,7 @@
 """Command-line face of the engine: ``python utils/load_fsdp_to_hf.py CKPT_DIR OUT_DIR [options]``.
 
-Exit codes: 0 success, 1 a checkpoint or argument error (one ``error:`` line on stderr), 130 interrupted.
+Exit codes: 0 success, 1 a checkpoint or argument error (one ``error:`` line on stderr naming a log file with the
+full traceback), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); nothing is left behind in any of these cases.
 """
 
 from __future__ import annotations
@@ -10,12 +11,20 @@ import logging
 import sys
 
 from utils.checkpoint.consolidate import consolidate_checkpoint
-from utils.checkpoint.errors import CheckpointError
+from utils.checkpoint.dtype_names import normalize_dtype
 from utils.checkpoint.lora import LORA_MODES
-from utils.checkpoint.model_config import DTYPES
+from utils.checkpoint.tempdirs import terminate_as_interrupt
 from utils.checkpoint.writer import WEIGHT_FORMATS
+from utils.errlog import log_traceback
 
 __all__ = ["main", "build_parser"]
+
+
+def _dtype_arg(text: str) -> str:
+    try:
+        return normalize_dtype(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt_dir", help="global_step_N/actor, global_step_N, or the run directory (latest step)")
     p.add_argument("out_dir", help="output folder (must not exist or be empty, unless --overwrite)")
     p.add_argument("--format", dest="weights_format", choices=sorted(WEIGHT_FORMATS), default="bin")
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                   help="auto = the dtype in the checkpoint's huggingface/config.json")
+    p.add_argument("--dtype", type=_dtype_arg, default="auto",
+                   help="auto (the dtype in the checkpoint's huggingface/config.json), bf16, fp16 or fp32 "
+                        "(bfloat16, float16, float32 also accepted)")
     p.add_argument("--max-shard-size", default="5GB", help="largest weight file, e.g. 5GB, 500MB (default 5GB)")
     p.add_argument("--optimizer", action="store_true", help="also write a name-keyed optimizer.pt")
     p.add_argument("--base-model", default=None, help="config/tokenizer folder if the checkpoint has no huggingface/")
@@ -51,16 +61,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
                         stream=sys.stderr)
     try:
-        result = consolidate_checkpoint(
-            args.ckpt_dir, args.out_dir, step=args.step, weights_format=args.weights_format, dtype=args.dtype,
-            max_shard_size=args.max_shard_size, include_optimizer=args.optimizer, base_model=args.base_model,
-            overwrite=args.overwrite, verify=args.verify, progress=not args.quiet, lora=args.lora,
-            lora_alpha=args.lora_alpha, lora_rank=args.lora_rank, lora_base_model=args.lora_base_model)
-    except (CheckpointError, ValueError) as e:
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        with terminate_as_interrupt():  # SIGTERM/SIGHUP unwind like Ctrl-C: the temporary folder is removed
+            result = consolidate_checkpoint(
+                args.ckpt_dir, args.out_dir, step=args.step, weights_format=args.weights_format, dtype=args.dtype,
+                max_shard_size=args.max_shard_size, include_optimizer=args.optimizer, base_model=args.base_model,
+                overwrite=args.overwrite, verify=args.verify, progress=not args.quiet, lora=args.lora,
+                lora_alpha=args.lora_alpha, lora_rank=args.lora_rank, lora_base_model=args.lora_base_model)
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", None)
+        print(f"{f'terminated (signal {signum})' if signum else 'interrupted'}: nothing was written",
+              file=sys.stderr)
+        return 128 + (signum or 2)
+    except Exception as e:  # noqa: BLE001 - checkpoint errors and anything unexpected: one line + a log file
+        log = log_traceback(e, name="load_fsdp_to_hf")
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"error: {type(e).__name__}: {text}{f' (details: {log})' if log else ''}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        return 130
     print(result.summary())
     return 0

@@ -10,6 +10,7 @@ The public face is :mod:`utils.load_fsdp_to_hf` (same names, and the CLI in :mod
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 from utils.checkpoint.errors import (
+    InvalidOptionError,
     MissingKeyError,
     MissingRankFileError,
     OutputExistsError,
@@ -37,14 +39,16 @@ from utils.checkpoint.layout import CheckpointLayout, detect_layout
 from utils.checkpoint.lora import LORA_MODES, lora_view
 from utils.checkpoint.merge import RankShards
 from utils.checkpoint.model_config import (
-    DTYPES,
     ExpectedModel,
     copy_side_files,
     find_config_dir,
     load_expected_model,
+    normalize_dtype,
     resolve_dtype,
 )
 from utils.checkpoint.optimizer import consolidate_optimizer
+from utils.checkpoint.space import check_free_space, explain_write_failure
+from utils.checkpoint.tempdirs import make_owned_temp_dir, release_owner, remove_owned, sweep_stale
 from utils.checkpoint.writer import (
     WEIGHT_FORMATS,
     FileReporter,
@@ -57,7 +61,7 @@ from utils.checkpoint.writer import (
     write_index,
 )
 
-__all__ = ["ConsolidationResult", "consolidate_checkpoint"]
+__all__ = ["ConsolidationResult", "consolidate_checkpoint", "human_bytes"]
 
 logger = logging.getLogger("utils.load_fsdp_to_hf")  # the public face's name: what users filter on
 
@@ -94,13 +98,31 @@ class ConsolidationResult:
     side_files: list[str] = field(default_factory=list)
     lora: dict | None = None
 
+    verified: bool = False
+
     def summary(self) -> str:
-        gb = self.bytes_written / 1e9
         step = f"step {self.step}" if self.step is not None else "checkpoint"
-        return (f"consolidated {step} (W={self.world_size}, {self.source_dtype}) -> {self.out_dir}: {self.num_tensors} "
-                f"tensors, {sum(not f.endswith('.json') for f in self.weight_files)} weight file(s), {self.dtype}, {gb:.2f} GB"
-                f"{' + optimizer.pt' if self.optimizer_file else ''}{_lora_summary(self.lora)} in {self.seconds:.1f} s "
-                f"({gb / max(self.seconds, 1e-9):.2f} GB/s)")
+        rate = self.bytes_written / max(self.seconds, 1e-9)
+        text = (f"consolidated {step} (W={self.world_size}, {self.source_dtype}) -> {self.out_dir}: {self.num_tensors} "
+                f"tensors, {sum(not f.endswith('.json') for f in self.weight_files)} weight file(s), {self.dtype}, "
+                f"{human_bytes(self.bytes_written)}{' + optimizer.pt' if self.optimizer_file else ''}{_lora_summary(self.lora)} in "
+                f"{self.seconds:.1f} s ({human_bytes(rate)}/s)")
+        if self.verified:
+            text += "\nverify: passed - the folder loads with transformers and every tensor equals the merged shards"
+        return text
+
+
+def human_bytes(n: float) -> str:
+    """``1234`` -> ``'1.23 kB'``, ``3.09e9`` -> ``'3.09 GB'`` (decimal units, 3 significant digits).
+
+    Example:
+        >>> human_bytes(512), human_bytes(618_420), human_bytes(3.09e9)
+        ('512 B', '618 kB', '3.09 GB')
+    """
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{int(n)} B"
 
 
 def _lora_summary(lora: dict | None) -> str:
@@ -144,7 +166,9 @@ def _check_against_config(shards: RankShards, expected: ExpectedModel) -> list[s
 def _make_temp_dir(out_dir: Path) -> Path:
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        # A kill -9 of an earlier run left its temporary folder here: remove it if provably ours and stale.
+        sweep_stale(out_dir.parent, f".{out_dir.name}.tmp-")
+        tmp = make_owned_temp_dir(out_dir.parent, f".{out_dir.name}.tmp-")
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the result should read like any folder
@@ -318,9 +342,8 @@ def consolidate_checkpoint(
     """
     t0 = time.perf_counter()
     if weights_format not in WEIGHT_FORMATS:
-        raise ValueError(f"weights_format={weights_format!r}: expected one of {sorted(WEIGHT_FORMATS)}")
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}: expected auto or one of {sorted(DTYPES)}")
+        raise InvalidOptionError(f"weights_format={weights_format!r}: expected one of {sorted(WEIGHT_FORMATS)}")
+    dtype = normalize_dtype(dtype)
     parse_size(max_shard_size)
     if lora is not None and lora not in LORA_MODES:
         raise ValueError(f"lora={lora!r}: expected one of {', '.join(LORA_MODES)}")
@@ -361,9 +384,12 @@ def consolidate_checkpoint(
         logger.info("casting weights %s -> %s (%s)", source_dtype, out_dtype, why)
     dtypes = {k: out_dtype if shards.spec(k).dtype.is_floating_point else shards.spec(k).dtype for k in keys}
     plan = plan_shards([(k, shards.spec(k).shape, dtypes[k]) for k in keys], weights_format, max_shard_size)
-    logger.info("%s: W=%d, %d tensors -> %d %s file(s), %.2f GB %s", layout.actor_dir, layout.world_size, len(keys),
-                len(plan.files), weights_format, plan.total_size / 1e9, out_dtype)
+    logger.info("%s: W=%d, %d tensors -> %d %s file(s), %s %s", layout.actor_dir, layout.world_size, len(keys),
+                len(plan.files), weights_format, human_bytes(plan.total_size), out_dtype)
 
+    check_free_space(out_dir, plan.total_size + (sum(f.stat().st_size for f in layout.optim_files)
+                                                 if include_optimizer else 0))
+    new_parents = [p for p in (out_dir.parent, *out_dir.parent.parents) if not p.exists()]
     tmp = _make_temp_dir(out_dir)
     # One intra-op thread: the copy/cast is memory-bound, and the overlap comes from the writer thread. Measured on
     # 2 shared cores (Qwen2.5-1.5B, W=8): OpenMP workers spinning beside the writer made the merge 1.3-2x slower.
@@ -394,13 +420,20 @@ def consolidate_checkpoint(
             reporter = None
         _check_out_dir(out_dir, overwrite)  # again: someone may have written there meanwhile
         _move_into_place(tmp, out_dir)
-    except BaseException:  # Ctrl-C included: leave nothing behind
+        release_owner(tmp)
+    except BaseException as e:  # Ctrl-C and SIGTERM (the CLI turns it into an interrupt) included: leave nothing
         if reporter is not None:
             try:
                 reporter.wait()  # no report thread may still read the folder removed below
             except Exception:  # noqa: BLE001 - the original error is the one to raise
                 pass
-        shutil.rmtree(tmp, ignore_errors=True)
+        explained = explain_write_failure(e, layout.actor_dir, layout.model_files, out_dir)  # before space is freed
+        remove_owned(tmp)
+        for parent in new_parents:  # folders this call created on the way to OUT_DIR, deepest first, if empty
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        if explained is not None:
+            raise explained from e
         raise
     finally:
         torch.set_num_threads(threads)
@@ -418,5 +451,6 @@ def consolidate_checkpoint(
         num_tensors=len(keys),
         optimizer_file=opt_file,
         side_files=side_files,
+        verified=verify,
         lora=lora_info,
     )

@@ -26,6 +26,11 @@ __all__ = [
     "MissingModelConfigError",
     "InvalidModelConfigError",
     "TiedWeightMismatchError",
+    "UnsafePickleError",
+    "OutputSpaceError",
+    "CheckpointVanishedError",
+    "InvalidOptionError",
+    "ReshardError",
     "RankSourceError",
     "RankFileUnavailableError",
 ]
@@ -104,6 +109,30 @@ class InvalidModelConfigError(CheckpointError, ValueError):
 
 class TiedWeightMismatchError(CheckpointError, ValueError):
     """The config ties two weights (``tie_word_embeddings``) but the checkpoint holds them with different values."""
+
+
+class UnsafePickleError(CheckpointError, ValueError):
+    """A pickled file holds objects outside the allow-list (e.g. a callable that would run code when unpickled).
+
+    Raised instead of loading it: nothing in the file was executed. The message names the file and the refused
+    global (``posix.system``, ...).
+    """
+
+
+class OutputSpaceError(CheckpointError, OSError):
+    """The output filesystem has (or had, mid-write) less free space than the consolidated model needs."""
+
+
+class CheckpointVanishedError(CheckpointError, FileNotFoundError):
+    """The checkpoint's files disappeared while they were being read (deleted or moved, e.g. by rotation)."""
+
+
+class InvalidOptionError(CheckpointError, ValueError):
+    """An argument of the engine is not one it supports (weights format, dtype, shard size, output buffer)."""
+
+
+class ReshardError(CheckpointError, ValueError):
+    """The snapshot cannot be turned into veRL shards (missing files, a run directory that already has the step)."""
 
 
 class RankSourceError(CheckpointError, ConnectionError):

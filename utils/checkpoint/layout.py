@@ -26,7 +26,7 @@ from utils.checkpoint.errors import (
     WorldSizeMismatchError,
 )
 
-__all__ = ["CheckpointLayout", "find_step_dirs", "latest_step", "resolve_actor_dir", "detect_layout"]
+__all__ = ["CheckpointLayout", "find_step_dirs", "latest_step", "step_from_path", "resolve_actor_dir", "detect_layout"]
 
 _STEP_DIR = re.compile(r"^global_step_(\d+)$")
 _RANK_FILE = re.compile(r"^(model|optim)_world_size_(\d+)_rank_(\d+)\.pt$")
@@ -75,6 +75,19 @@ def find_step_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def step_from_path(path: str | Path) -> int | None:
+    """The ``N`` of the nearest ``global_step_N`` component of ``path`` (itself or a parent), else ``None``.
+
+    Example:
+        >>> step_from_path(Path("/runs/x/global_step_300/actor"))
+        300
+    """
+    for part in reversed(Path(path).parts):
+        if m := _STEP_DIR.match(part):
+            return int(m.group(1))
+    return None
+
+
 def latest_step(run_dir: str | Path) -> int | None:
     """The step to use by default: ``latest_checkpointed_iteration.txt`` if it names an existing step directory,
     else the highest ``global_step_N`` present; ``None`` if the run has no step directory.
@@ -106,10 +119,16 @@ def resolve_actor_dir(path: str | Path, step: int | None = None) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise NotACheckpointError(f"{path}: no such directory")
-    if step is None and _has_rank_files(path):
-        return path
-    if step is None and _has_rank_files(path / "actor"):
-        return path / "actor"
+    for candidate in (path, path / "actor"):
+        if _has_rank_files(candidate):
+            own = step_from_path(candidate.resolve())
+            if step is None or step == own:
+                return candidate
+            here = f"the checkpoint of step {own}" if own is not None else "one checkpoint"
+            run = f" ({candidate.resolve().parents[1]})" if own is not None else ""
+            raise NotACheckpointError(
+                f"{path} is {here}; --step {step} (step=) picks a step inside a run directory. Drop --step, or pass "
+                f"the run directory that holds global_step_{step}/{run}.")
     steps = dict(find_step_dirs(path))
     if steps:
         chosen = latest_step(path) if step is None else step
@@ -121,13 +140,6 @@ def resolve_actor_dir(path: str | Path, step: int | None = None) -> Path:
     raise NotACheckpointError(
         f"{path} is not a veRL checkpoint: expected model_world_size_W_rank_r.pt files, an actor/ folder, or "
         "global_step_N/ folders. Point at <run>/global_step_N/actor (or the run directory).")
-
-
-def _step_of(actor_dir: Path) -> int | None:
-    for part in (actor_dir.name, actor_dir.parent.name):
-        if m := _STEP_DIR.match(part):
-            return int(m.group(1))
-    return None
 
 
 def _read_fsdp_config(path: Path) -> dict:
@@ -214,7 +226,7 @@ def detect_layout(path: str | Path, step: int | None = None) -> CheckpointLayout
         actor_dir=actor_dir,
         world_size=world_size,
         fsdp_version=fsdp_version,
-        step=_step_of(actor_dir),
+        step=step_from_path(actor_dir),
         model_files=tuple(actor_dir / f"model_world_size_{world_size}_rank_{r}.pt" for r in range(world_size)),
         optim_files=optim_files,
         hf_dir=hf_dir if hf_dir.is_dir() else None,

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 from utils.checkpoint.errors import CheckpointError, MissingKeyError, OptimizerMismatchError
-from utils.checkpoint.merge import MappedFiles, RankShards, TensorSpec, assemble, load_rank_file
+from utils.checkpoint.merge import MappedFiles, RankShards, TensorSpec, assemble
+from utils.checkpoint.optimizer import load_optimizer_ranks
 
 __all__ = [
     "LORA_MODES",
@@ -399,13 +400,7 @@ def consolidate_lora_optimizer(files: Sequence[Path], shards: RankShards, layout
         OptimizerMismatchError: ids or shapes do not line up with the checkpoint's parameters.
     """
     mapped = MappedFiles()
-    ranks = []
-    for f in files:
-        sd = load_rank_file(f)
-        mapped.register(f)
-        if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
-            raise OptimizerMismatchError(f"{f}: expected an optimizer state dict with 'state' and 'param_groups'")
-        ranks.append(sd)
+    ranks = load_optimizer_ranks(files, mapped)
     groups = ranks[0]["param_groups"]
     ids = [i for g in groups for i in g["params"]]
     with_state = sorted(ranks[0]["state"])

@@ -30,11 +30,13 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from utils.checkpoint.errors import (
     CorruptShardError,
+    InvalidOptionError,
     MissingKeyError,
     ReplicaMismatchError,
     ShapeMismatchError,
     UnsupportedPlacementError,
 )
+from utils.checkpoint.safe_state import refused_global, unsafe_pickle_error
 
 __all__ = ["TensorSpec", "load_rank_file", "tensor_spec", "assemble", "MappedFiles", "RankShards"]
 
@@ -61,6 +63,8 @@ def load_rank_file(path: Path) -> Any:
     try:
         return torch.load(path, mmap=True, weights_only=True, map_location="cpu")
     except Exception as e:  # torch raises RuntimeError/UnpicklingError/EOFError/OSError depending on the damage
+        if refused_global(e):  # not damage: a foreign type (code) in the pickle; say so, without torch's hint
+            raise unsafe_pickle_error(path, e, "a rank file") from e
         raise CorruptShardError(
             f"{path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}). The file is truncated or "
             "corrupt (an interrupted save or copy?); re-copy it or consolidate another step.") from e
@@ -188,7 +192,7 @@ def assemble(
     if out is None:
         out = torch.empty(spec.shape, dtype=dtype or spec.dtype)
     elif tuple(out.shape) != spec.shape or out.dtype != (dtype or spec.dtype):
-        raise ValueError(f"{key}: out has {tuple(out.shape)} {out.dtype}, expected {spec.shape} {dtype or spec.dtype}")
+        raise InvalidOptionError(f"{key}: out has {tuple(out.shape)} {out.dtype}, expected {spec.shape} {dtype or spec.dtype}")
     if isinstance(values[0], DTensor):
         _assemble_dtensor(key, values, files, out, release)
         return out

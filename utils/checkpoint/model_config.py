@@ -13,9 +13,11 @@ from pathlib import Path
 
 import torch
 
-from utils.checkpoint.errors import InvalidModelConfigError, MissingModelConfigError
+from utils.checkpoint.dtype_names import normalize_dtype  # noqa: E402 - re-exported, torch-free
+from utils.checkpoint.errors import InvalidModelConfigError, InvalidOptionError, MissingModelConfigError
 
-__all__ = ["ExpectedModel", "find_config_dir", "load_expected_model", "resolve_dtype", "DTYPES", "copy_side_files"]
+__all__ = ["ExpectedModel", "find_config_dir", "load_expected_model", "normalize_dtype", "resolve_dtype", "DTYPES",
+           "copy_side_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +144,7 @@ def resolve_dtype(requested: str, config_dtype: torch.dtype | None, stored_dtype
     if requested == "auto":
         return config_dtype or stored_dtype
     if requested not in DTYPES:
-        raise ValueError(f"dtype={requested!r}: expected one of auto, {', '.join(DTYPES)}")
+        raise InvalidOptionError(f"dtype={requested!r}: expected one of auto, {', '.join(DTYPES)}")
     return DTYPES[requested]
 
 

@@ -32,7 +32,8 @@ _FSDP1_HELP = ("FSDP1 keeps optimizer state per *flat parameter* (all of a wrapp
                "portable optimizer state, or consolidate without --optimizer.")
 
 
-def _load_optim(files: Sequence[Path], mapped: MappedFiles) -> list[dict[str, Any]]:
+def load_optimizer_ranks(files: Sequence[Path], mapped: MappedFiles) -> list[dict[str, Any]]:
+    """Each rank's optimizer state dict (memory-mapped, registered in ``mapped``), checked to be one."""
     out = []
     for f in files:
         sd = load_rank_file(f)
@@ -75,7 +76,7 @@ def consolidate_optimizer(
     if fsdp_version == 1:
         raise FSDP1OptimizerError(f"{files[0].parent}/fsdp_config.json says FSDP_version=1. {_FSDP1_HELP}")
     mapped = MappedFiles()
-    ranks = _load_optim(files, mapped)
+    ranks = load_optimizer_ranks(files, mapped)
     groups = ranks[0]["param_groups"]
     ids = [i for g in groups for i in g["params"]]
     if sorted(ids) != list(range(len(param_names))):

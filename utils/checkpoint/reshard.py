@@ -6,7 +6,8 @@ veRL 0.9.1's ``FSDPCheckpointManager.load_checkpoint`` reads on each rank, at th
     RUN_DIR/global_step_N/actor/model_world_size_W_rank_r.pt        {name: DTensor Shard(0) on a 1-D ('fsdp',) mesh}
     RUN_DIR/global_step_N/actor/optim_world_size_W_rank_r.pt        optimizer.state_dict(): ids in parameters() order,
                                                                     exp_avg/exp_avg_sq sharded like their parameter
-    RUN_DIR/global_step_N/actor/extra_state_world_size_W_rank_r.pt  {"lr_scheduler": ..., "rng": ...}
+    RUN_DIR/global_step_N/actor/extra_state_world_size_W_rank_r.pt  {"lr_scheduler": ..., "rng": ...} (validated and
+                                                                    re-serialized: utils.checkpoint.safe_state)
     RUN_DIR/global_step_N/actor/fsdp_config.json, actor/huggingface/  (config, generation config, tokenizer)
     RUN_DIR/global_step_N/data.pt, curriculum_state.json, lineage.json
     RUN_DIR/latest_checkpointed_iteration.txt                        written last
@@ -32,21 +33,19 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from utils.checkpoint.errors import CheckpointError, OptimizerMismatchError
+from utils.checkpoint.errors import OptimizerMismatchError, ReshardError
 from utils.checkpoint.model_config import ExpectedModel, load_expected_model
+from utils.checkpoint.safe_state import check_weights_pickle, rewrite_trainer_state
+from utils.checkpoint.tempdirs import make_owned_temp_dir, remove_owned, sweep_stale, write_text_atomic
 from utils.hub.resume_state import CURRICULUM_FILE, LINEAGE_FILE, RESUME_DIR
 
-__all__ = ["write_verl_checkpoint", "ReshardError", "ConsolidatedWeights", "load_consolidated_weights", "shard_rows"]
+__all__ = ["write_verl_checkpoint", "ReshardError", "ConsolidatedWeights", "shard_rows"]
 
 logger = logging.getLogger(__name__)
 
 # Files of a consolidated folder that are not side files of veRL's actor/huggingface/ folder.
 _NOT_SIDE_FILES = ("pytorch_model", "model.safetensors", "model-", "optimizer.pt", "README.md", "trainer_state.json",
                    "adapter_")
-
-
-class ReshardError(CheckpointError):
-    """The snapshot cannot be turned into veRL shards (missing files, a run directory that already has the step)."""
 
 
 class ConsolidatedWeights:
@@ -90,12 +89,6 @@ class ConsolidatedWeights:
             return sl[:] if not sl.get_shape() else sl[start:stop]
         t = self._bin[key]
         return (t[start:stop] if t.ndim else t).clone()
-
-
-def load_consolidated_weights(folder: Path) -> dict[str, Any]:
-    """Every tensor of a consolidated folder, in memory (for checks and small models; resharding reads rows only)."""
-    w = ConsolidatedWeights(folder)
-    return {k: w.rows(k, 0, w.shape(k)[0] if w.shape(k) else 0) for k in [*w._st, *w._bin]}
 
 
 def shard_rows(n: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -176,20 +169,35 @@ def write_verl_checkpoint(
         logger.warning("Resharding from world size %d to %d: every rank gets rank 0's RNG state (the lr scheduler "
                        "is the same on all ranks).", saved_ws, world_size)
     run_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".global_step_{step}.", dir=run_dir))  # same filesystem: atomic rename
+    sweep_stale(run_dir, ".global_step_")  # a pull killed mid-way left its staging folder: ours and stale
+    staging = make_owned_temp_dir(run_dir, f".global_step_{step}.")  # same filesystem: atomic rename
     try:
         actor = staging / "actor"
         actor.mkdir()
         # Built once here (transformers on the meta device), handed to the ranks: they import torch only.
+        # Every pickle the ranks will read is opened here first (weights_only=True): a refused or broken file is
+        # reported by name, not as a bare ProcessRaisedException from a spawned rank.
+        for f in sorted(snapshot_dir.glob("pytorch_model*.bin")):
+            check_weights_pickle(f, what="model weights")
         if adapter is not None:
             params = peft_parameters(config_dir, adapter.config)
             if not weights_only:
+                check_weights_pickle(snapshot_dir / "optimizer.pt", what="optimizer state")
                 check_lora_optimizer(snapshot_dir, adapter, params)
             worker, args = lora_rank_worker, (str(adapter.folder), params, weights_only)
         else:
             expected = load_expected_model(snapshot_dir)
             _check_optimizer_names(snapshot_dir, expected, weights_only)
             worker, args = _rank_worker, (weights_only, expected)
+        # veRL unpickles these with weights_only=False: only validated, re-serialized state (before any rank starts)
+        if not weights_only:
+            for rank in range(world_size):
+                src = snapshot_dir / RESUME_DIR / f"extra_state_rank_{rank if saved_ws == world_size else 0}.pt"
+                rewrite_trainer_state(src, actor / f"extra_state_world_size_{world_size}_rank_{rank}.pt",
+                                      what="veRL's extra state")
+        if (snapshot_dir / RESUME_DIR / "data.pt").is_file():
+            rewrite_trainer_state(snapshot_dir / RESUME_DIR / "data.pt", staging / "data.pt",
+                                  what="veRL's dataloader state")
         with tempfile.TemporaryDirectory() as tmp:
             mp.start_processes(worker, args=(world_size, str(snapshot_dir), str(actor), *args,
                                              os.path.join(tmp, "init")),
@@ -205,14 +213,15 @@ def write_verl_checkpoint(
             from utils.checkpoint.reshard_lora import write_lora_meta
 
             write_lora_meta(actor, adapter)
-        for name in ("data.pt", CURRICULUM_FILE, LINEAGE_FILE):
+        for name in (CURRICULUM_FILE, LINEAGE_FILE):  # JSON; data.pt was validated and re-serialized above
             if (snapshot_dir / RESUME_DIR / name).is_file():
                 shutil.copyfile(snapshot_dir / RESUME_DIR / name, staging / name)
         os.replace(staging, target)
+        remove_owned(staging)  # only its owner record is left at the old name
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_owned(staging)
         raise
-    (run_dir / "latest_checkpointed_iteration.txt").write_text(str(step))
+    write_text_atomic(run_dir / "latest_checkpointed_iteration.txt", str(step))
     logger.info("Wrote veRL checkpoint %s for world size %d", target, world_size)
     return target
 
@@ -223,6 +232,7 @@ def _check_optimizer_names(snapshot_dir: Path, expected: ExpectedModel, weights_
         return
     import torch
 
+    check_weights_pickle(snapshot_dir / "optimizer.pt", what="optimizer state")
     full = torch.load(snapshot_dir / "optimizer.pt", map_location="cpu", weights_only=True, mmap=True)
     names = [n for g in full["param_groups"] for n in g["params"]]
     extra, missing = sorted(set(names) - set(expected.param_names)), sorted(set(expected.param_names) - set(names))
@@ -285,10 +295,6 @@ def _rank_worker(rank: int, world_size: int, snapshot_dir: str, actor_dir: str, 
                   for g in full["param_groups"]]
         torch.save({"state": dict(sorted(state.items())), "param_groups": groups},
                    actor / f"optim_world_size_{world_size}_rank_{rank}.pt")
-        own = snap / RESUME_DIR / f"extra_state_rank_{rank}.pt"
-        saved_ws = len(list((snap / RESUME_DIR).glob("extra_state_rank_*.pt")))
-        src = own if saved_ws == world_size else snap / RESUME_DIR / "extra_state_rank_0.pt"
-        shutil.copyfile(src, actor / f"extra_state_world_size_{world_size}_rank_{rank}.pt")
     finally:
         dist.barrier()
         dist.destroy_process_group()

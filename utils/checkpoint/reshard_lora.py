@@ -134,7 +134,6 @@ def write_lora_meta(actor_dir: Path, adapter: LoraSnapshot) -> None:
 def lora_rank_worker(rank: int, world_size: int, snapshot_dir: str, actor_dir: str, adapter_dir: str,
                      params: list[tuple[str, tuple[int, ...]]], weights_only: bool, init_file: str) -> None:
     """One rank: this rank's rows of every LoRA tensor and its AdamW state, as veRL's per-rank files."""
-    import shutil
 
     import torch
     import torch.distributed as dist
@@ -143,7 +142,6 @@ def lora_rank_worker(rank: int, world_size: int, snapshot_dir: str, actor_dir: s
     from torch.distributed.tensor import DTensor, Shard
 
     from utils.checkpoint.reshard import shard_rows
-    from utils.hub.resume_state import RESUME_DIR
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
@@ -173,10 +171,7 @@ def lora_rank_worker(rank: int, world_size: int, snapshot_dir: str, actor_dir: s
                   for g in full["param_groups"]]
         torch.save({"state": dict(sorted(state.items())), "param_groups": groups},
                    actor / f"optim_world_size_{world_size}_rank_{rank}.pt")
-        own = snap / RESUME_DIR / f"extra_state_rank_{rank}.pt"
-        saved_ws = len(list((snap / RESUME_DIR).glob("extra_state_rank_*.pt")))
-        src = own if saved_ws == world_size else snap / RESUME_DIR / "extra_state_rank_0.pt"
-        shutil.copyfile(src, actor / f"extra_state_world_size_{world_size}_rank_{rank}.pt")
+        # extra_state: written by the parent, validated and re-serialized (utils/checkpoint/safe_state.py)
     finally:
         dist.barrier()
         dist.destroy_process_group()

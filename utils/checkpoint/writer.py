@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 import torch
 
-from utils.checkpoint.errors import OutputVerificationError
+from utils.checkpoint.errors import InvalidOptionError, OutputVerificationError
 
 __all__ = [
     "WEIGHT_FORMATS",
@@ -66,10 +66,10 @@ def parse_size(size: int | str) -> int:
     else:
         m = _SIZE.match(str(size))
         if not m:
-            raise ValueError(f"max_shard_size={size!r}: expected bytes or a size like '5GB', '500MB', '2GiB'")
+            raise InvalidOptionError(f"max_shard_size={size!r}: expected bytes or a size like '5GB', '500MB', '2GiB'")
         n = int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
     if n <= 0:
-        raise ValueError(f"max_shard_size={size!r}: must be positive")
+        raise InvalidOptionError(f"max_shard_size={size!r}: must be positive")
     return n
 
 

@@ -9,12 +9,14 @@ Mental model: one upload is one commit on ``main`` plus one ``step-N`` tag; ever
         -> (strategy=checkpoint) resume files  optimizer.pt, resume/, trainer_state.json        (resume_state)
         -> plan: skip files the Hub already holds, render the model card                       (push, card)
         -> commit + tag step-N, retried; failure -> upload_pending.json for ``resume``          (client, pending)
+           (before each commit attempt: a newer step already on main -> this one only gets its tag)  (push)
     every_save: the same call, one at a time, off the training thread                          (background)
     later: verify_upload (sha256 + load), pull_snapshot (newest complete snapshot -> veRL rank files)
 
     uploader      HuggingFaceUploader, upload_checkpoint_to_hf, resume_pending, backfill
     cli           ``python utils/hf_uploader.py upload|backfill|resume|verify|pull``
     client        HubClient: preflight, commits, tags, downloads, retries
+    timeouts      connect/read limits on every request huggingface_hub sends (a silent Hub cannot hang a run)
     push          plan what to send (skip unchanged files), commit, tag
     verify        check an uploaded revision against local files
     snapshots     newest complete resume snapshot per namespace; pull + reshard
@@ -29,19 +31,7 @@ The verbs below are imported on first use, so ``import utils.hub.errors`` stays 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
-__all__ = [
-    "HuggingFaceUploader",
-    "UploadResult",
-    "upload_checkpoint_to_hf",
-    "resume_pending",
-    "verify_upload",
-    "pull_snapshot",
-    "BackgroundUploader",
-    "HubClient",
-]
+from utils._lazy import lazy_exports
 
 _HOME = {
     "HuggingFaceUploader": "uploader",
@@ -54,8 +44,5 @@ _HOME = {
     "HubClient": "client",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _HOME:
-        return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = list(_HOME)
+__getattr__ = lazy_exports(__name__, _HOME)

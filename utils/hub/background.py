@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from utils.hub.errors import UploaderClosedError
+
 __all__ = ["BackgroundUploader", "UploadJob"]
 
 logger = logging.getLogger(__name__)
@@ -82,7 +84,7 @@ class BackgroundUploader:
         job = UploadJob(Path(checkpoint_dir), int(step), final, dict(metrics) if metrics else None)
         with self._cond:
             if self._closed:
-                raise RuntimeError("BackgroundUploader is closed")
+                raise UploaderClosedError("BackgroundUploader is closed")
             self.jobs.append(job)
             old = self._queued
             if old is not None and old.final and not final:
@@ -160,11 +162,13 @@ class BackgroundUploader:
                 logger.error("background upload of step %d failed: %s", job.step, str(e).splitlines()[0] if
                              str(e) else type(e).__name__)
             job.seconds = time.monotonic() - t0
-            with self._cond:
-                self._running = None
-                self._cond.notify_all()
+            # Report first, then clear "running": wait()/finish() return only after the ERROR line (with the command
+            # that finishes the job) is out, so it is never lost when the process ends right after.
             if self._on_done is not None:
                 try:
                     self._on_done(job)
                 except Exception:  # noqa: BLE001 - a broken callback must not kill the worker
                     logger.exception("on_done callback failed")
+            with self._cond:
+                self._running = None
+                self._cond.notify_all()

@@ -10,14 +10,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
+import httpx
 from huggingface_hub.errors import RepositoryNotFoundError
 
-from utils.hub.errors import HubUploadError, redact
+from utils.checkpoint.tempdirs import make_owned_temp_dir, remove_owned, sweep_stale, terminate_as_interrupt
+from utils.hub.errors import HubUnreachableError, HubUploadError, redact
 
 __all__ = ["main", "build_parser"]
 
@@ -27,8 +28,17 @@ logger = logging.getLogger("utils.hf_uploader")
 def _steps(text: str) -> list[int]:
     try:
         return [int(s) for s in text.replace(" ", "").split(",") if s]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--steps wants comma-separated integers like 100,200, got {text!r}") from None
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--steps wants comma-separated integers like 100,200, got {text!r}") from e
+
+
+def _dtype_arg(text: str) -> str:
+    from utils.checkpoint.dtype_names import normalize_dtype
+
+    try:
+        return normalize_dtype(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--private", action="store_true", help="create the repo private (recommended)")
         sp.add_argument("--optimizer-save-mode", default=None, help="'full' to also upload optimizer.pt")
         sp.add_argument("--format", dest="weights_format", default="bin", choices=["bin", "safetensors"])
-        sp.add_argument("--dtype", default="auto", help="auto (checkpoint's config dtype), bf16, fp16 or fp32")
+        sp.add_argument("--dtype", default="auto", type=_dtype_arg,
+                        help="auto (checkpoint's config dtype), bf16, fp16 or fp32 (bfloat16, float16, float32 too)")
         sp.add_argument("--max-shard-size", default="5GB")
         sp.add_argument("--model-name", default=None, help="base model folder: fallback for config/tokenizer")
         sp.add_argument("--no-model-card", dest="model_card", action="store_false")
@@ -77,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--revision", default="main")
     vf.add_argument("--against", default=None, help="checkpoint to consolidate locally and compare with")
     vf.add_argument("--format", dest="weights_format", default=None, choices=["bin", "safetensors"])
-    vf.add_argument("--dtype", default=None)
+    vf.add_argument("--dtype", default=None, type=_dtype_arg)
     vf.add_argument("--no-load", dest="load", action="store_false", help="skip the transformers load check")
+    vf.add_argument("--namespace", default="", help="the experiment's subfolder of the repo (default: the root)")
     pl = sub.add_parser("pull", help="download the newest complete resume snapshot and write veRL's checkpoint "
                                      "layout for a world size")
     pl.add_argument("--repo-id", required=True)
@@ -114,7 +126,9 @@ def _cmd_upload(args: argparse.Namespace) -> int:
 
 def _dry_run(up, args: argparse.Namespace) -> int:
     """Consolidate into a temporary folder, compare with the remote using reads only, print the plan, delete."""
-    step = up._infer_step(Path(args.checkpoint_dir), args.step)
+    step = up.check_local(Path(args.checkpoint_dir), args.step)
+    # A plan is a few reads: fail at once when the Hub does not answer (no 20 s of retries), naming where we asked.
+    up.client.max_attempts = 1
     notes = []
     exists = True
     if up.client.has_token:
@@ -122,7 +136,9 @@ def _dry_run(up, args: argparse.Namespace) -> int:
         notes.append(f"user {report.user}; repo {'private' if report.private else 'PUBLIC'}")
     else:
         notes.append("no token found (HF_TOKEN): a real upload would fail at preflight")
-    staging = Path(tempfile.mkdtemp(prefix="hf_dry_run_", dir=up.staging_dir))
+    parent = up.staging_dir or Path(tempfile.gettempdir())
+    sweep_stale(parent, "hf_dry_run_")
+    staging = make_owned_temp_dir(parent, "hf_dry_run_")
     try:
         res = up._consolidate(Path(args.checkpoint_dir), staging / "model", step, args.model_name)
         try:
@@ -130,6 +146,12 @@ def _dry_run(up, args: argparse.Namespace) -> int:
             print(plan.describe())
         except RepositoryNotFoundError:
             exists = False
+        except (httpx.TransportError, OSError) as e:
+            raise HubUnreachableError(
+                f"dry run: cannot reach the Hub at {up.client.endpoint} ({type(e).__name__}: {_first_line(e)}); the "
+                f"plan compares with the repo there. The endpoint comes from --endpoint or HF_ENDPOINT "
+                f"({'HF_ENDPOINT=' + os.environ['HF_ENDPOINT'] if os.environ.get('HF_ENDPOINT') else 'HF_ENDPOINT is unset'}"
+                "); check the network or point it at a reachable Hub.") from None
         if not exists or not up.client.has_token:
             files = sorted(p for p in (staging / "model").rglob("*") if p.is_file())
             print(f"{up.repo_id} (to be created, {'private' if up.private else 'PUBLIC'}) @ main -> tag step-{step}")
@@ -139,7 +161,7 @@ def _dry_run(up, args: argparse.Namespace) -> int:
         print(f"dry run: {'; '.join(notes)}; consolidation {res.dtype}, world size {res.world_size}; nothing written "
               "to the Hub")
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_owned(staging)
     return 0
 
 
@@ -176,7 +198,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     report = verify_upload(args.repo_id, args.revision, args.against, endpoint=args.endpoint,
                            weights_format=args.weights_format, dtype=args.dtype, load=args.load,
-                           raise_on_problem=False)
+                           raise_on_problem=False, namespace=args.namespace)
     print(report.describe())
     return 0 if report.ok else 1
 
@@ -200,14 +222,29 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"upload": _cmd_upload, "backfill": _cmd_backfill, "resume": _cmd_resume, "verify": _cmd_verify,
                "pull": _cmd_pull}
     try:
-        return handler[args.command](args)
+        with terminate_as_interrupt():  # SIGTERM unwinds like Ctrl-C: staging folders are removed on the way out
+            return handler[args.command](args)
     except HubUploadError as e:
-        print(f"error: {redact(_first_line(e), os.environ.get('HF_TOKEN'))}", file=sys.stderr)
+        print(f"error: {redact(_first_line(e), os.environ.get('HF_TOKEN'))}{_details(e)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", None)
+        print(f"{f'terminated (signal {signum})' if signum else 'interrupted'}: temporary files removed; run the "
+              "same command again (uploads are idempotent; a failed one left upload_pending.json for `resume`)",
+              file=sys.stderr)
+        return 128 + (signum or 2)
     except Exception as e:  # noqa: BLE001 - the engine's errors and anything unexpected: one line, non-zero exit
-        print(f"error: {type(e).__name__}: {redact(_first_line(e), os.environ.get('HF_TOKEN'))}", file=sys.stderr)
-        logger.debug("traceback", exc_info=True)
+        print(f"error: {type(e).__name__}: {redact(_first_line(e), os.environ.get('HF_TOKEN'))}{_details(e)}",
+              file=sys.stderr)
         return 1
+
+
+def _details(e: BaseException) -> str:
+    """`` (details: LOG)``: the full traceback, token removed, goes to a log file (utils/errlog.py)."""
+    from utils.errlog import log_traceback
+
+    path = log_traceback(e, name="hf_uploader")
+    return f" (details: {path})" if path else ""
 
 
 def _first_line(e: BaseException) -> str:

@@ -33,6 +33,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils.sha import git_hash
 
 from utils.hub.errors import (
     HubUnreachableError,
@@ -42,8 +43,11 @@ from utils.hub.errors import (
     MissingTokenError,
     NamespaceAccessError,
     ReadOnlyTokenError,
+    RepoNotFoundOnHubError,
+    RevisionNotFoundOnHubError,
     redact,
 )
+from utils.hub.timeouts import DEFAULT_READ_TIMEOUT, install_timeouts, unreachable_reason
 
 __all__ = [
     "HubClient", "LocalFile", "PreflightReport", "RemoteFile", "check_repo_id", "is_transient", "local_files", "resolve_token",
@@ -107,7 +111,7 @@ class LocalFile:
     def git_blob_id(self) -> str:
         """Git's blob id of the content (what the Hub reports for regular, non-LFS files)."""
         data = self.content if self.content is not None else Path(self.local_path).read_bytes()
-        return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        return git_hash(data)
 
     def matches(self, remote: RemoteFile | None) -> bool:
         """True when ``remote`` holds exactly these bytes."""
@@ -138,6 +142,8 @@ class HubClient:
         max_attempts: Attempts of a whole commit (and of the cheap reads around it) before giving up.
         retry_base_delay: First backoff delay in seconds; doubles per attempt, jittered in [50 %, 100 %].
         retry_max_delay: Upper bound of one backoff delay.
+        request_timeout: Seconds one socket read/write may stall before the request fails (and is retried);
+            default ``HF_HUB_UPLOAD_TIMEOUT`` or 120. Process-wide (see :mod:`utils.hub.timeouts`).
         sleep: Injected for tests that want no real waiting.
 
     Example:
@@ -154,7 +160,11 @@ class HubClient:
         retry_base_delay: float = 2.0,
         retry_max_delay: float = 60.0,
         sleep: Callable[[float], None] = time.sleep,
+        request_timeout: float | None = None,
     ):
+        # Every request gets connect/read limits (huggingface_hub sends many with none): a Hub that accepts the
+        # connection and never answers fails the request instead of hanging the run (utils/hub/timeouts.py).
+        install_timeouts(read=request_timeout or DEFAULT_READ_TIMEOUT)
         self._token = resolve_token(token)
         self.endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
         self.api = HfApi(endpoint=self.endpoint, token=self._token or False)
@@ -195,12 +205,12 @@ class HubClient:
                 raise InvalidTokenError(
                     f"The Hub at {self.endpoint} rejected the token (401). Create a new token with the 'write' role "
                     "at https://huggingface.co/settings/tokens and put it in HF_TOKEN."
-                ) from None
-            raise HubUnreachableError(self.redact(f"whoami failed at {self.endpoint}: {e}")) from None
+                ) from e
+            raise HubUnreachableError(self.redact(f"whoami failed at {self.endpoint}: {e}")) from e
         except (httpx.TransportError, OSError) as e:
             raise HubUnreachableError(
-                f"Cannot reach the Hub at {self.endpoint} ({type(e).__name__}). Check the network and HF_ENDPOINT."
-            ) from None
+                f"{unreachable_reason(self.endpoint, e)}. Check the network and HF_ENDPOINT."
+            ) from e
 
     def preflight(self, repo_id: str, *, private: bool, create: bool = True) -> PreflightReport:
         """Check everything an upload needs before any expensive work starts, and create the repo.
@@ -252,15 +262,15 @@ class HubClient:
                     raise NamespaceAccessError(
                         f"The Hub refused to create '{repo_id}' for user '{user}' ({e.response.status_code}). Check "
                         "that the token may write to this namespace (fine-grained tokens need repo write access)."
-                    ) from None
-                raise HubUnreachableError(self.redact(f"create_repo('{repo_id}') failed: {e}")) from None
+                    ) from e
+                raise HubUnreachableError(self.redact(f"create_repo('{repo_id}') failed: {e}")) from e
             is_private, created = private, True
         except HfHubHTTPError as e:  # after retries: a server-side failure, not something the user can fix here
-            raise HubUnreachableError(self.redact(f"repo_info('{repo_id}') failed at {self.endpoint}: {e}")) from None
+            raise HubUnreachableError(self.redact(f"repo_info('{repo_id}') failed at {self.endpoint}: {e}")) from e
         except (httpx.TransportError, OSError) as e:
             raise HubUnreachableError(
-                f"Cannot reach the Hub at {self.endpoint} ({type(e).__name__}). Check the network and HF_ENDPOINT."
-            ) from None
+                f"{unreachable_reason(self.endpoint, e)}. Check the network and HF_ENDPOINT."
+            ) from e
         if private and not is_private:
             raise InvalidUploadConfigError(
                 f"Repo '{repo_id}' already exists and is PUBLIC, but private=True was requested. Make it private in "
@@ -276,6 +286,48 @@ class HubClient:
         return PreflightReport(user=user, repo_id=repo_id, private=is_private, url=url, created=created)
 
     # ------------------------------------------------------------------ reads
+    def check_readable(self, repo_id: str, revision: str | None = None) -> str:
+        """The commit of ``repo_id@revision``, or an error saying which of these it is, and what to do.
+
+        A bare ``401``/``404`` from the Hub means one of: no token (a private repo looks absent), a rejected token, a
+        repo that does not exist, a revision that does not exist. ``verify`` and ``pull`` call this first.
+
+        Raises:
+            MissingTokenError: not found and no token was sent (it may be private).
+            InvalidTokenError: the token was rejected.
+            RepoNotFoundOnHubError: not found with a valid token.
+            RevisionNotFoundOnHubError: the repo exists, the revision does not (names the tags and branches).
+            HubUnreachableError: the endpoint does not answer.
+        """
+        check_repo_id(repo_id)
+        try:
+            return str(self._read(lambda: self.api.repo_info(repo_id, revision=revision)).sha)
+        except RevisionNotFoundError:
+            branches, tags = self.refs(repo_id)
+            raise RevisionNotFoundOnHubError(
+                f"{repo_id} at {self.endpoint} has no revision '{revision}'. Tags: {', '.join(sorted(tags)) or 'none'}; "
+                f"branches: {', '.join(sorted(branches)) or 'none'}. Pass one of those (uploads tag step-N)."
+            ) from None
+        except (RepositoryNotFoundError, HfHubHTTPError) as e:
+            status = _status(e)
+            if not isinstance(e, RepositoryNotFoundError) and status not in (401, 403, 404):
+                raise HubUnreachableError(self.redact(f"repo_info('{repo_id}') failed at {self.endpoint}: "
+                                                      f"{_short(e)}")) from None
+            if not self._token:
+                raise MissingTokenError(
+                    f"{repo_id} was not found at {self.endpoint} without a token ({status}): it does not exist, or it "
+                    "is private. Set HF_TOKEN (or run `hf auth login`) and retry; if it still fails, check the repo id."
+                ) from None
+            user = self.whoami().get("name", "?")  # raises InvalidTokenError for a rejected token
+            raise RepoNotFoundOnHubError(
+                f"{repo_id} does not exist at {self.endpoint}, or user '{user}' may not read it ({status}). Check the "
+                "repo id (namespace/name) and the endpoint (HF_ENDPOINT)."
+            ) from None
+        except (httpx.TransportError, OSError) as e:
+            raise HubUnreachableError(
+                f"Cannot reach the Hub at {self.endpoint} ({type(e).__name__}). Check the network and HF_ENDPOINT."
+            ) from None
+
     def refs(self, repo_id: str) -> tuple[dict[str, str], dict[str, str]]:
         """``(branches, tags)``, each a map from name to commit id."""
         refs = self._read(lambda: self.api.list_repo_refs(repo_id))
@@ -343,6 +395,7 @@ class HubClient:
         description: str | None = None,
         make_ops: Callable[[], list[CommitOperationAdd]] | None = None,
         parent_commit: str | None = None,
+        before_attempt: Callable[[str | None], None] | None = None,
     ) -> str:
         """Commit ``files`` (and delete ``deletions``) on ``branch`` with the outer retry; return the commit id.
 
@@ -361,6 +414,9 @@ class HubClient:
                 defaults to one per entry of ``files``.
             parent_commit: The branch head the caller just read (saves a request on the first attempt); later
                 attempts always re-read it.
+            before_attempt: Called with the head each attempt commits on, right before it (after the "already
+                landed" check); it may raise to stop (e.g. a newer step reached ``main`` meanwhile). Because the
+                commit names that head as its parent, what the check saw is exactly what the commit lands on.
 
         Returns:
             The commit id (40 hex) that holds the files.
@@ -377,6 +433,8 @@ class HubClient:
                 if attempt > 1 and head and self._branch_holds(repo_id, head, files, deletions):
                     logger.info("Commit on %s@%s already landed (%s); not committing again", repo_id, branch, head[:8])
                     return head
+                if before_attempt is not None:
+                    before_attempt(head)
                 ops: list[Any] = make_ops() + [CommitOperationDelete(p) for p in deletions]
                 info = self.api.create_commit(repo_id, ops, commit_message=message, commit_description=description,
                                               revision=branch, parent_commit=head)
@@ -425,7 +483,7 @@ def check_repo_id(repo_id: str | None) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise InvalidRepoIdError(f"repo_id {repo_id!r} is not a valid Hub repo id: {e}") from None
+        raise InvalidRepoIdError(f"repo_id {repo_id!r} is not a valid Hub repo id: {e}") from e
 
 
 def local_files(folder: Path, *, prefix: str = "", extra: Mapping[str, bytes] | None = None,
@@ -434,7 +492,7 @@ def local_files(folder: Path, *, prefix: str = "", extra: Mapping[str, bytes] | 
 
     Args:
         folder: A consolidated Hugging Face folder.
-        prefix: Path prefix inside the repo (``""`` for the root; issue 5's namespaces use a subfolder).
+        prefix: Path prefix inside the repo (``""`` for the root; an experiment's namespace is a subfolder).
         extra: Generated files ``{path_in_folder: bytes}`` (e.g. ``README.md``) that do not exist on disk.
         known: ``{path_in_folder: (sha256, operation or None)}`` for files whose digest is already known (computed
             while they were written, :mod:`utils.hub.pipeline`): not read again; the operation (maybe pre-uploaded)

@@ -25,6 +25,10 @@ __all__ = [
     "UploadInProgressError",
     "PendingUploadError",
     "VerificationError",
+    "SnapshotNotFoundError",
+    "IncompleteSnapshotError",
+    "UnsupportedSnapshotError",
+    "UploaderClosedError",
     "redact",
 ]
 
@@ -78,11 +82,17 @@ class TagConflictError(HubUploadError, FileExistsError):
 
 
 class UploadFailedError(HubUploadError, RuntimeError):
-    """An upload failed after all retries. ``pending_marker`` is the ``upload_pending.json`` left behind, if any."""
+    """An upload failed after all retries.
 
-    def __init__(self, message: str, *, pending_marker: str | None = None):
+    Attributes:
+        pending_marker: the ``upload_pending.json`` left behind, if any.
+        reason: the message without the "finish it later" hint (what went wrong, one line, token-free).
+    """
+
+    def __init__(self, message: str, *, pending_marker: str | None = None, reason: str | None = None):
         super().__init__(message)
         self.pending_marker = pending_marker
+        self.reason = message if reason is None else reason
 
 
 class StagingSpaceError(HubUploadError, OSError):
@@ -99,6 +109,30 @@ class PendingUploadError(HubUploadError, ValueError):
 
 class VerificationError(HubUploadError, ValueError):
     """Files on the Hub differ from the local consolidation, or the uploaded model does not load."""
+
+
+class SnapshotNotFoundError(HubUploadError, LookupError):
+    """The repo/namespace holds no snapshot (or not the one asked for)."""
+
+
+class IncompleteSnapshotError(HubUploadError, ValueError):
+    """A snapshot's files do not match its ``trainer_state.json`` (an explicitly requested revision)."""
+
+
+class UnsupportedSnapshotError(HubUploadError, ValueError):
+    """A ``trainer_state.json`` was written by a newer format than this code understands."""
+
+
+class UploaderClosedError(HubUploadError, RuntimeError):
+    """A job was submitted to a :class:`utils.hub.background.BackgroundUploader` after it was closed."""
+
+
+class RepoNotFoundOnHubError(HubUploadError, LookupError):
+    """The repo does not exist at the endpoint (or the token's user cannot see it)."""
+
+
+class RevisionNotFoundOnHubError(HubUploadError, LookupError):
+    """The repo exists, but has no such branch, tag or commit."""
 
 
 def redact(text: str, token: str | None) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +19,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from utils.checkpoint.layout import find_step_dirs, step_from_path
 from utils.hub.errors import PendingUploadError, UploadInProgressError
 
 __all__ = [
@@ -31,12 +31,10 @@ __all__ = [
     "find_pending",
     "step_lock",
     "step_from_path",
-    "list_step_dirs",
 ]
 
 PENDING_MARKER = "upload_pending.json"
 LOCK_FILE = ".hf_upload.lock"
-_STEP_RE = re.compile(r"^global_step_(\d+)$")
 _MARKER_VERSION = 1
 
 
@@ -76,7 +74,7 @@ def write_pending(step_dir: Path, pending: PendingUpload) -> Path:
     """
     leaked = _SECRET_KEYS & {k.lower() for k in pending.options}
     if leaked:
-        raise ValueError(f"refusing to write secret option(s) {sorted(leaked)} into {PENDING_MARKER}")
+        raise PendingUploadError(f"refusing to write secret option(s) {sorted(leaked)} into {PENDING_MARKER}")
     step_dir = Path(step_dir)
     path = step_dir / PENDING_MARKER
     previous = read_pending(step_dir) if path.exists() else None
@@ -113,7 +111,7 @@ def read_pending(step_dir: Path) -> PendingUpload | None:
         raise PendingUploadError(
             f"{path} is not a valid pending-upload marker ({e}). Delete it and run "
             f"`python utils/hf_uploader.py upload {step_dir} --repo-id ...` instead."
-        ) from None
+        ) from e
 
 
 def clear_pending(step_dir: Path) -> None:
@@ -122,11 +120,16 @@ def clear_pending(step_dir: Path) -> None:
 
 
 def find_pending(run_dir: Path) -> list[Path]:
-    """Step directories under ``run_dir`` (or ``run_dir`` itself) that hold a marker, in step order."""
+    """Step directories under ``run_dir`` (or ``run_dir`` itself) that hold a marker, in step order.
+
+    Example:
+        >>> find_pending(Path("/no/such/run"))
+        []
+    """
     run_dir = Path(run_dir)
     if (run_dir / PENDING_MARKER).exists():
         return [run_dir]
-    return [d for _, d in list_step_dirs(run_dir) if (d / PENDING_MARKER).exists()]
+    return [d for _, d in find_step_dirs(run_dir) if (d / PENDING_MARKER).exists()]
 
 
 @contextmanager
@@ -145,39 +148,12 @@ def step_lock(step_dir: Path, timeout: float = 0) -> Iterator[None]:
     lock = FileLock(str(path), timeout=timeout)
     try:
         lock.acquire()
-    except Timeout:
+    except Timeout as e:
         raise UploadInProgressError(
             f"Another process is uploading {step_dir} (lock {path}). Wait for it, or delete the lock file if that "
             "process is gone."
-        ) from None
+        ) from e
     try:
         yield
     finally:
         lock.release()  # the (empty) lock file stays: deleting it would race with a process about to lock it
-
-
-def step_from_path(path: Path) -> int | None:
-    """The ``N`` of the nearest ``global_step_N`` component of ``path`` (itself or a parent), else ``None``.
-
-    Example:
-        >>> step_from_path(Path("/runs/x/global_step_300/actor"))
-        300
-    """
-    for part in reversed(Path(path).parts):
-        match = _STEP_RE.match(part)
-        if match:
-            return int(match.group(1))
-    return None
-
-
-def list_step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
-    """Every ``global_step_N`` directory directly under ``run_dir``, as ``(N, path)`` sorted by ``N``."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = []
-    for d in run_dir.iterdir():
-        match = _STEP_RE.match(d.name)
-        if match and d.is_dir():
-            found.append((int(match.group(1)), d))
-    return sorted(found)

@@ -51,7 +51,7 @@ class PreUploader:
         repo_id: Target repo (it exists: preflight created it).
         links_dir: A folder on the same filesystem as the consolidation output; each reported file is hard-linked
             there (no copy) because the engine renames its build folder when it finishes.
-        prefix: Path prefix inside the repo (issue 5's namespaces).
+        prefix: Path prefix inside the repo (a run's namespace).
         tag: The tag this upload will get: files already on ``main`` or under that tag are not sent again (a
             re-upload of an unchanged step sends nothing, as without the pipeline).
         revision: Branch the upload modes are asked for (LFS objects themselves are repo-wide).

@@ -1,9 +1,12 @@
 """Push one consolidated folder as one step: plan against the remote, commit, tag. Idempotent by construction.
 
-The rules (see DESIGN.md, "Hub"):
+The rules:
 - ``main`` holds the newest step at its root; a step older than the newest one already tagged is committed on a
-  short-lived branch (from ``main``), tagged, and the branch deleted, so ``main`` never goes back in time;
-- every upload is tagged ``step-N`` (``<namespace>-step-N`` with a namespace, for issue 5);
+  short-lived branch (from ``main``), tagged, and the branch deleted, so ``main`` never goes back in time; and
+  right before every commit attempt on ``main`` its history is re-read (the attempt names that head as its parent):
+  if a newer step of the same namespace landed meanwhile (a concurrent upload, maybe not tagged yet), the stale step
+  is re-planned onto a temporary branch and only gets its tag;
+- every upload is tagged ``step-N`` (``<namespace>-step-N`` with a namespace: one experiment per subfolder);
 - weight files of an earlier upload that the new one does not have (e.g. bin -> safetensors, fewer shards) are
   deleted in the same commit; other files someone added by hand are left alone;
 - ``README.md`` is (re)generated only when the remote one is absent or is an unedited card of ours;
@@ -16,16 +19,18 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from utils.hub.card import is_generated_card
-from utils.hub.client import HubClient, LocalFile, RemoteFile, local_files
+from utils.hub.client import HubClient, LocalFile, local_files
 from utils.hub.errors import TagConflictError
 
-__all__ = ["PushPlan", "PushOutcome", "plan_push", "execute_push", "tag_for_step", "MANAGED_PATTERNS"]
+__all__ = ["PushPlan", "PushOutcome", "plan_push", "execute_push", "tag_for_step", "step_on_main", "MANAGED_PATTERNS",
+           "NewerStepOnMainError"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +87,7 @@ class PushPlan:
     readme: str = "none"
     already_tagged: str | None = None
     landed_commit: str | None = None
+    namespace: str = ""
 
     @property
     def to_send(self) -> list[LocalFile]:
@@ -165,7 +171,7 @@ def plan_push(
     main_head = branches.get("main")
     branch = "main" if newest is None or step >= newest else f"upload-{tag}"
     remote = client.tree(repo_id, main_head, prefix=namespace) if main_head else {}
-    plan = PushPlan(repo_id, step, tag, branch, main_head)
+    plan = PushPlan(repo_id, step, tag, branch, main_head, namespace=namespace)
     readme_path = f"{namespace.strip('/')}/{README}" if namespace.strip("/") else README
     if card is not None and not any(f.path_in_repo == readme_path for f in files):
         remote_card = client.read_text(repo_id, readme_path, main_head) if readme_path in remote else None
@@ -199,16 +205,83 @@ def execute_push(client: HubClient, plan: PushPlan, *, message: str, description
                     plan.landed_commit[:8])
         client.tag(plan.repo_id, plan.tag, plan.landed_commit, message=message)
         return PushOutcome(plan.landed_commit, plan.tag, [], 0, skipped=False, on_main=True)
+    description = _with_tag_line(description, plan.tag)
+    try:
+        return _commit_and_tag(client, plan, message=message, description=description)
+    except NewerStepOnMainError as e:
+        # Another upload of a newer step of this run/namespace landed on main after we planned: main must not go
+        # back, so this (now stale) step is committed on a temporary branch from that head and only gets its tag.
+        logger.warning("%s: step %d landed on main while step %d was uploading; step %d gets its tag only, main "
+                       "stays at step %d", plan.repo_id, e.newer_step, plan.step, plan.step, e.newer_step)
+        _replan_on(client, plan, e.head)
+        return _commit_and_tag(client, plan, message=message, description=description)
+
+
+class NewerStepOnMainError(Exception):
+    """Raised before a commit to ``main`` when ``main`` already holds a newer step of the same namespace."""
+
+    def __init__(self, newer_step: int, head: str):
+        super().__init__(f"main already holds step {newer_step} (at {head[:8]})")
+        self.newer_step, self.head = newer_step, head
+
+
+_TAG_LINE = re.compile(r"^tag: (\S+)$", re.MULTILINE)
+
+
+def _with_tag_line(description: str | None, tag: str) -> str:
+    """The commit description with a ``tag: <tag>`` line: how :func:`step_on_main` reads a commit's step back."""
+    description = description or ""
+    if tag in _TAG_LINE.findall(description):
+        return description
+    return f"{description}\ntag: {tag}" if description else f"tag: {tag}"
+
+
+def step_on_main(client: HubClient, repo_id: str, head: str, namespace: str = "") -> int | None:
+    """The step whose upload of ``namespace`` is the newest in the history of ``head`` (``None``: none).
+
+    Tags cannot answer this: a tag is created after its commit, so a concurrent upload may have landed on ``main``
+    and not be tagged yet. Every commit of ours names its tag in its description (``tag: step-N``); the newest such
+    line for this namespace is what ``main`` holds there.
+    """
+    commits = client._read(lambda: client.api.list_repo_commits(repo_id, revision=head))
+    for c in commits:  # newest first
+        for tag in _TAG_LINE.findall(getattr(c, "message", "") or ""):
+            step = _step_of_tag(tag, namespace)
+            if step is not None and tag == tag_for_step(step, namespace):
+                return step
+    return None
+
+
+def _replan_on(client: HubClient, plan: PushPlan, head: str) -> None:
+    """Point ``plan`` at a temporary branch from ``head``; file statuses and deletions against ``head``'s tree."""
+    remote = client.tree(plan.repo_id, head, prefix=plan.namespace)
+    ours = {f.path_in_repo for f, _ in plan.files}
+    plan.branch, plan.base_commit, plan.landed_commit = f"upload-{plan.tag}", head, None
+    plan.files = [(f, "unchanged" if f.matches(remote.get(f.path_in_repo)) else
+                   "changed" if f.path_in_repo in remote else "new") for f, _ in plan.files]
+    plan.deletions = sorted(p for p in remote if p not in ours and _is_managed(p, plan.namespace))
+
+
+def _commit_and_tag(client: HubClient, plan: PushPlan, *, message: str, description: str) -> PushOutcome:
     temporary = plan.branch != "main"
     if temporary:
         logger.info("step %d is older than the newest step on %s: committing it on %s, main stays as it is",
                     plan.step, plan.repo_id, plan.branch)
         client.create_branch(plan.repo_id, plan.branch, plan.base_commit)
+
+    def main_never_goes_back(head: str | None) -> None:
+        if temporary or head is None:
+            return
+        newer = step_on_main(client, plan.repo_id, head, plan.namespace)
+        if newer is not None and newer > plan.step:
+            raise NewerStepOnMainError(newer, head)
+
     try:
         files = [f for f, _ in plan.files]
         try:
             commit = client.commit(plan.repo_id, files, deletions=plan.deletions, branch=plan.branch,
-                                   message=message, description=description, parent_commit=plan.base_commit)
+                                   message=message, description=description, parent_commit=plan.base_commit,
+                                   before_attempt=main_never_goes_back)
         except ValueError as e:  # the client validates README metadata first (nothing is uploaded yet)
             if plan.readme != "generated" or "README" not in str(e):
                 raise
@@ -219,7 +292,7 @@ def execute_push(client: HubClient, plan: PushPlan, *, message: str, description
             plan.readme = "rejected"
             commit = client.commit(plan.repo_id, [f for f, _ in plan.files], deletions=plan.deletions,
                                    branch=plan.branch, message=message, description=description,
-                                   parent_commit=plan.base_commit)
+                                   parent_commit=plan.base_commit, before_attempt=main_never_goes_back)
         client.tag(plan.repo_id, plan.tag, commit, message=message)
     finally:
         if temporary:
@@ -246,7 +319,3 @@ def _is_managed(path: str, namespace: str) -> bool:
             return "/" not in rel[len(sub):]
     return "/" not in rel and any(fnmatch.fnmatch(rel, pattern) for pattern in MANAGED_PATTERNS)
 
-
-def remote_matches(files: list[LocalFile], remote: dict[str, RemoteFile]) -> bool:
-    """True when every file of ``files`` is in ``remote`` with the same bytes."""
-    return all(f.matches(remote.get(f.path_in_repo)) for f in files)

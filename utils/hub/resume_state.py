@@ -1,7 +1,8 @@
 """What a resume snapshot on the Hub holds besides the model, and how to tell a complete one from a broken one.
 
 With ``strategy=checkpoint`` every upload is a *resume snapshot*: the consolidated model and the name-keyed
-``optimizer.pt`` (world-size free), plus the trainer state veRL keeps beside its shards, copied byte for byte::
+``optimizer.pt`` (world-size free), plus the trainer state veRL keeps beside its shards, validated and re-serialized (never copied: veRL unpickles
+those files with ``weights_only=False``, see :mod:`utils.checkpoint.safe_state`)::
 
     <namespace>/trainer_state.json              written last into the staging folder; lists every other file
     <namespace>/resume/extra_state_rank_{r}.pt  veRL's extra_state_world_size_W_rank_r.pt (lr scheduler, RNG)
@@ -12,17 +13,19 @@ With ``strategy=checkpoint`` every upload is a *resume snapshot*: the consolidat
 Completeness, two locks: the uploader creates the ``step-N`` tag only after the whole commit landed (a commit is
 atomic on the Hub, an interrupted upload leaves no tag), and ``trainer_state.json`` names the sha256 of every file
 of its snapshot, so a tag whose files do not match (hand-edited, mixed up) is not taken for a resume point.
-The veRL files are copied, not re-encoded: what veRL loads after a Hub round trip is exactly what it saved.
+The veRL files are loaded with ``weights_only=True`` and an allow-list, then written again with ``torch.save``: what
+veRL loads after a Hub round trip holds the same values it saved, and nothing else.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
+from utils.checkpoint.safe_state import rewrite_trainer_state
+from utils.hub.errors import UnsupportedSnapshotError
 from utils.hub.verify import sha256_of
 
 __all__ = ["TRAINER_STATE_FILE", "LINEAGE_FILE", "RESUME_DIR", "FORMAT_VERSION", "stage_resume_files",
@@ -39,7 +42,8 @@ _NOT_HASHED = {"README.md", TRAINER_STATE_FILE}  # the card is regenerated per u
 
 
 def stage_resume_files(step_dir: Path, folder: Path, *, step: int, world_size: int) -> dict[str, Any]:
-    """Copy veRL's trainer state of ``step_dir`` into ``folder/resume/`` and write ``folder/trainer_state.json``.
+    """Validate and re-serialize veRL's trainer state of ``step_dir`` into ``folder/resume/``; write
+    ``folder/trainer_state.json``.
 
     Call it after the model (and ``optimizer.pt``) are consolidated into ``folder``: the state lists the sha256 of
     every file then in ``folder``.
@@ -55,19 +59,25 @@ def stage_resume_files(step_dir: Path, folder: Path, *, step: int, world_size: i
 
     Raises:
         FileNotFoundError: an ``extra_state`` rank file is missing (veRL always writes one per rank).
+        utils.checkpoint.errors.UnsafePickleError: a state file holds a type outside the allow-list (not loaded).
     """
     step_dir, folder = Path(step_dir), Path(folder)
     resume = folder / RESUME_DIR
     resume.mkdir(parents=True, exist_ok=True)
+    states = []
     for rank in range(world_size):
         src = step_dir / "actor" / f"extra_state_world_size_{world_size}_rank_{rank}.pt"
         if not src.is_file():
             raise FileNotFoundError(f"{src} is missing: veRL writes one extra_state file per rank; the checkpoint "
                                     "is incomplete, so it cannot be uploaded as a resume snapshot.")
-        shutil.copyfile(src, resume / f"extra_state_rank_{rank}.pt")
-    for name in ("data.pt", CURRICULUM_FILE, LINEAGE_FILE):
+        # Validated (weights_only + allow-list) and re-serialized, never copied: see utils.checkpoint.safe_state.
+        states.append(rewrite_trainer_state(src, resume / f"extra_state_rank_{rank}.pt", what="veRL's extra state"))
+    dataloader = None
+    if (step_dir / "data.pt").is_file():
+        dataloader = rewrite_trainer_state(step_dir / "data.pt", resume / "data.pt", what="veRL's dataloader state")
+    for name in (CURRICULUM_FILE, LINEAGE_FILE):  # JSON: checked to parse, then copied
         if (step_dir / name).is_file():
-            shutil.copyfile(step_dir / name, resume / name)
+            _rewrite_json(step_dir / name, resume / name)
     lineage = json.loads((step_dir / LINEAGE_FILE).read_text()) if (step_dir / LINEAGE_FILE).is_file() else {}
     curriculum = json.loads((step_dir / CURRICULUM_FILE).read_text()) if (step_dir / CURRICULUM_FILE).is_file() \
         else None
@@ -76,8 +86,8 @@ def stage_resume_files(step_dir: Path, folder: Path, *, step: int, world_size: i
         "global_step": int(step),
         "world_size": int(world_size),
         "has_optimizer": (folder / "optimizer.pt").is_file(),
-        "lr_scheduler": _scheduler_summary(resume / "extra_state_rank_0.pt"),
-        "dataloader": _dataloader_summary(resume / "data.pt"),
+        "lr_scheduler": _scheduler_summary(states[0]),
+        "dataloader": _dataloader_summary(dataloader),
         "rng": {"per_rank": [f"{RESUME_DIR}/extra_state_rank_{r}.pt" for r in range(world_size)]},
         "curriculum_levels": (curriculum or {}).get("levels"),
         "tracking": lineage.get("tracking", {}),
@@ -99,7 +109,7 @@ def read_trainer_state(folder: Path) -> dict[str, Any] | None:
         return None
     state = json.loads(path.read_text())
     if int(state.get("format_version", 0)) > FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {state['format_version']} is newer than this code understands "
+        raise UnsupportedSnapshotError(f"{path}: format_version {state['format_version']} is newer than this code understands "
                          f"({FORMAT_VERSION}); update the project to resume from it.")
     return state
 
@@ -121,27 +131,24 @@ def snapshot_problems(folder: Path, state: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _scheduler_summary(extra_state: Path) -> dict[str, Any]:
-    """A readable view of the lr scheduler (the state itself travels in the copied veRL file)."""
-    import torch
-
+def _rewrite_json(src: Path, dst: Path) -> None:
+    """Copy a JSON side file after checking it parses (JSON carries data only; nothing in it can run)."""
+    raw = src.read_bytes()
     try:
-        sd = torch.load(extra_state, map_location="cpu", weights_only=False).get("lr_scheduler") or {}
-    except Exception as e:  # noqa: BLE001 - a summary only; the file itself is what resume uses
-        return {"error": f"{type(e).__name__}: {e}"}
+        json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"{src}: not valid JSON ({e}); fix or delete it before uploading a resume snapshot.") from e
+    dst.write_bytes(raw)
+
+
+def _scheduler_summary(extra_state: Any) -> dict[str, Any]:
+    """A readable view of the lr scheduler (the state itself travels in the re-serialized veRL file)."""
+    sd = (extra_state.get("lr_scheduler") if isinstance(extra_state, dict) else None) or {}
     return {k: sd[k] for k in ("last_epoch", "_step_count", "_last_lr", "base_lrs") if k in sd}
 
 
-def _dataloader_summary(data_pt: Path) -> dict[str, Any]:
+def _dataloader_summary(sd: Any) -> dict[str, Any]:
     """How far the dataloader got (``StatefulDataLoader`` counters), for humans and tests."""
-    import torch
-
-    if not data_pt.is_file():
-        return {}
-    try:
-        sd = torch.load(data_pt, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - a summary only
-        return {"error": f"{type(e).__name__}: {e}"}
     if not isinstance(sd, dict):
         return {}
     # StatefulDataLoader: counters at the top level without workers, under _snapshot/_main_snapshot with workers

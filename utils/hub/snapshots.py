@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.hub.client import HubClient
-from utils.hub.errors import HubUploadError
+from utils.hub.errors import IncompleteSnapshotError, SnapshotNotFoundError
 from utils.hub.push import _step_of_tag, tag_for_step
 from utils.hub.resume_state import TRAINER_STATE_FILE, read_trainer_state, snapshot_problems
 
@@ -27,14 +27,6 @@ __all__ = ["ResumeSnapshot", "SnapshotNotFoundError", "IncompleteSnapshotError",
            "find_resume_snapshot", "pull_snapshot"]
 
 logger = logging.getLogger(__name__)
-
-
-class SnapshotNotFoundError(HubUploadError):
-    """The repo/namespace holds no snapshot (or not the one asked for)."""
-
-
-class IncompleteSnapshotError(HubUploadError):
-    """A snapshot's files do not match its ``trainer_state.json`` (an explicitly requested revision)."""
 
 
 @dataclass
@@ -197,6 +189,9 @@ def pull_snapshot(
     """
     from utils.checkpoint.reshard import write_verl_checkpoint
 
+    # A missing token, a rejected one and a repo that does not exist each get their own message (a new repo is
+    # "no snapshot" only for a training run's resume=auto, not for an explicit pull).
+    HubClient(token=token, endpoint=endpoint).check_readable(repo_id)
     snap = find_resume_snapshot(repo_id, namespace, revision=revision, token=token, endpoint=endpoint,
                                 cache_dir=cache_dir)
     where = f"{repo_id}" + (f" (namespace {namespace})" if namespace else "")

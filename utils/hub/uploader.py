@@ -19,7 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from utils.hub.card import CardInfo, headline_metrics, render_model_card
+from utils.checkpoint.dtype_names import normalize_dtype
+from utils.checkpoint.layout import find_step_dirs
+from utils.checkpoint.tempdirs import make_owned_temp_dir, remove_owned, sweep_stale
+from utils.hub.card import CURVES_FILE, CardInfo, headline_metrics, render_model_card
 from utils.hub.client import HubClient, PreflightReport, check_repo_id
 from utils.hub.errors import (
     HubUnreachableError,
@@ -35,7 +38,6 @@ from utils.hub.errors import (
 from utils.hub.pending import (
     PendingUpload,
     clear_pending,
-    list_step_dirs,
     step_from_path,
     step_lock,
     write_pending,
@@ -59,6 +61,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("utils.hf_uploader")  # the public face's name: what users filter on
+
+STAGING_PREFIX = "hf_upload_step"  # <TMPDIR or staging_dir>/hf_upload_step<N>_<random>/model
 
 VALID_OPTIMIZER_SAVE_MODES = (None, "full")
 VALID_STRATEGIES = ("end", "every_save", "checkpoint")
@@ -191,6 +195,8 @@ class HuggingFaceUploader:
         max_attempts, retry_base_delay: Outer retry of whole commits (see :class:`utils.hub.client.HubClient`).
         write_pending_marker: Leave ``upload_pending.json`` in the step directory when an upload fails.
         progress: Show the consolidation progress bar.
+        request_timeout: Seconds one Hub request may stall (connect 10 s; read/write this, default 120 or
+            ``HF_HUB_UPLOAD_TIMEOUT``) before it fails and is retried - a Hub that never answers cannot hang a run.
         lora: For LoRA checkpoints: ``adapter`` (default: the small PEFT folder), ``merged`` (a plain model with the
             adapters folded in) or ``both`` (merged at the root, the adapter in ``adapter/``). Full fine-tuning
             checkpoints ignore it.
@@ -227,6 +233,7 @@ class HuggingFaceUploader:
         retry_base_delay: float = 2.0,
         write_pending_marker: bool = True,
         progress: bool = True,
+        request_timeout: float | None = None,
         lora: str = "adapter",
         lora_base_model: str | None = None,
         pipeline: bool = True,
@@ -237,6 +244,10 @@ class HuggingFaceUploader:
         self.optimizer_save_mode = validate_optimizer_save_mode(optimizer_save_mode)
         self.weights_format = _check_choice("weights_format", weights_format, VALID_WEIGHT_FORMATS)
         self.strategy = _check_choice("strategy", strategy, VALID_STRATEGIES)
+        try:  # the consolidation CLI's own check, now rather than after minutes of work
+            dtype = normalize_dtype(dtype)
+        except ValueError as e:
+            raise InvalidUploadConfigError(str(e)) from None
         self.lora = _check_choice("lora", lora, VALID_LORA_MODES)
         if strategy == "checkpoint" and lora == "merged":
             # A resume snapshot of a LoRA run needs the adapter itself: merged weights cannot be split back into A, B.
@@ -251,9 +262,10 @@ class HuggingFaceUploader:
         self.staging_dir = Path(staging_dir) if staging_dir else None
         self.write_pending_marker = write_pending_marker
         self.progress = progress
+        self.request_timeout = request_timeout
         self.pipeline = bool(pipeline)
         self.client = HubClient(token=token, endpoint=endpoint, max_attempts=max_attempts,
-                                retry_base_delay=retry_base_delay)
+                                retry_base_delay=retry_base_delay, request_timeout=request_timeout)
         self._preflight: PreflightReport | None = None
         self._preflight_wrote = False  # a read-only (dry-run) preflight does not count for a real upload
 
@@ -272,7 +284,7 @@ class HuggingFaceUploader:
                 "weights_format": self.weights_format, "dtype": self.dtype, "max_shard_size": self.max_shard_size,
                 "strategy": self.strategy, "model_card": self.model_card, "card_info": self.card_info,
                 "namespace": self.namespace, "endpoint": self.client.endpoint, "lora": self.lora,
-                "lora_base_model": self.lora_base_model}
+                "lora_base_model": self.lora_base_model, "request_timeout": self.request_timeout}
 
     # ------------------------------------------------------------------ preflight
     def preflight(self, *, create: bool = True) -> PreflightReport:
@@ -321,24 +333,30 @@ class HuggingFaceUploader:
         """
         started = time.perf_counter()
         checkpoint_dir = Path(checkpoint_dir)
-        step = self._infer_step(checkpoint_dir, step)
+        step = self.check_local(checkpoint_dir, step)  # every local input, before the first Hub request
         step_dir = _step_dir_of(checkpoint_dir)
         try:
             self.preflight()
         except HubUnreachableError as e:  # e.g. the Hub is down at the end of training: resumable, leave a marker
-            raise self._failed(e, step, metrics, model_name, step_dir, checkpoint_dir) from None
+            raise self._failed(e, step, metrics, model_name, step_dir, checkpoint_dir) from e
         with step_lock(step_dir):
+            # Staging folders of uploads that were killed (kill -9, a Ray actor stopped at the end of a run) are
+            # removed first, when provably ours and stale (utils/checkpoint/tempdirs.py); then the space check.
+            parent = self.staging_dir or Path(tempfile.gettempdir())
+            sweep_stale(parent, STAGING_PREFIX)
             check_staging_space(checkpoint_dir, self.staging_dir, include_optimizer=self.include_optimizer)
-            staging = Path(tempfile.mkdtemp(prefix=f"hf_upload_step{step}_", dir=self.staging_dir))
+            staging = make_owned_temp_dir(parent, f"{STAGING_PREFIX}{step}_")
             try:
                 consolidation, known = self._consolidate_and_preupload(checkpoint_dir, staging, step, model_name)
-                if self.strategy == "checkpoint":  # issue 5: what resume needs, hashed, beside the model
+                if self.strategy == "checkpoint":  # what resume needs, hashed, beside the model
                     stage_resume_files(step_dir, staging / "model", step=step, world_size=consolidation.world_size)
+                if (step_dir / CURVES_FILE).is_file():  # drawn by the trainer for this step: uploaded, shown in the card
+                    shutil.copyfile(step_dir / CURVES_FILE, staging / "model" / CURVES_FILE)
                 result = self._upload(staging / "model", step, metrics=metrics, commit_message=commit_message,
                                       consolidation=consolidation, base_model=model_name, started=started,
                                       pending_dir=step_dir, checkpoint_dir=checkpoint_dir, known=known)
             finally:
-                shutil.rmtree(staging, ignore_errors=True)
+                remove_owned(staging)
         clear_pending(step_dir)
         return result
 
@@ -376,7 +394,8 @@ class HuggingFaceUploader:
     def _upload(self, folder: Path, step: int, *, metrics, commit_message, consolidation, base_model, started,
                 pending_dir: Path | None = None, checkpoint_dir: Path | None = None, known=None) -> UploadResult:
         try:
-            card = self._card_fn(step, metrics, consolidation, base_model) if self.model_card else None
+            curves = CURVES_FILE if (folder / CURVES_FILE).is_file() else None
+            card = self._card_fn(step, metrics, consolidation, base_model, curves) if self.model_card else None
             plan = plan_push(self.client, self.repo_id, folder, step=step, namespace=self.namespace, card=card,
                              known=known)
             message = self.client.redact(commit_message or _default_message(step, metrics))
@@ -385,7 +404,7 @@ class HuggingFaceUploader:
         except (TagConflictError, InvalidUploadConfigError):
             raise
         except Exception as e:  # noqa: BLE001 - every other failure becomes one clear, token-free error (+ marker)
-            raise self._failed(e, step, metrics, base_model, pending_dir, checkpoint_dir) from None
+            raise self._failed(e, step, metrics, base_model, pending_dir, checkpoint_dir) from e
         url = f"{self.client.endpoint}/{self.repo_id}/tree/{outcome.tag}"
         result = UploadResult(self.repo_id, step, outcome.tag, outcome.commit, url, outcome.sent_files,
                               outcome.sent_bytes, time.perf_counter() - started, outcome.skipped, outcome.on_main,
@@ -404,19 +423,23 @@ class HuggingFaceUploader:
                 options={**self.options(), "metrics": dict(metrics or {}), "base_model": base_model},
                 error=reason)))
         hint = f"; finish it later with: python utils/hf_uploader.py resume {pending_dir}" if marker else ""
-        return UploadFailedError(f"Upload of step {step} to {self.repo_id} failed: {reason}{hint}",
-                                 pending_marker=marker)
+        what = f"Upload of step {step} to {self.repo_id} failed: {reason}"
+        return UploadFailedError(f"{what}{hint}", pending_marker=marker, reason=what)
 
-    def _card_fn(self, step, metrics, consolidation, base_model):
+    def _card_fn(self, step, metrics, consolidation, base_model, curves=None):
         def render() -> str:
             return render_model_card(CardInfo(
                 repo_id=self.repo_id, step=step, revision=tag_for_step(step, self.namespace),
                 subfolder=self.namespace or None,
-                base_model=self.card_info.get("base_model") or (str(base_model) if base_model else None),
+                base_model=self.card_info.get("base_model") or (str(base_model) if base_model else None)
+                or (getattr(consolidation, "lora", None) or {}).get("base_model_name_or_path"),  # a LoRA run's base
                 dtype=getattr(consolidation, "dtype", None) or (None if self.dtype == "auto" else self.dtype),
                 world_size=getattr(consolidation, "world_size", None), weights_format=self.weights_format,
                 metrics=metrics, datasets=self.card_info.get("datasets"), optimizer=self.include_optimizer,
-                extra=self.card_info.get("extra") or {}, lora=getattr(consolidation, "lora", None)))
+                extra=self.card_info.get("extra") or {}, dataset_configs=self.card_info.get("dataset_configs"),
+                system_prompt=self.card_info.get("system_prompt"),
+                example_question=self.card_info.get("example_question"), curves=curves,
+                max_new_tokens=int(self.card_info.get("max_new_tokens") or 64), lora=getattr(consolidation, "lora", None)))
 
         return render
 
@@ -449,6 +472,35 @@ class HuggingFaceUploader:
         if pre.failure is None:
             logger.info("pre-uploaded %.1f MB to %s while consolidating", pre.uploaded_bytes / 1e6, self.repo_id)
         return consolidation, known
+
+    def check_local(self, checkpoint_dir: str | Path, step: int | None = None) -> int:
+        """Check everything local about an upload before any Hub request: a mistyped path must not create a repo.
+
+        Reads only file names and ``fsdp_config.json``: the folder is a complete veRL checkpoint (every rank of
+        one world size), holds the optimizer files when ``optimizer.pt`` is requested, the step is known, and the
+        staging disk has room. Format and dtype were checked when the uploader was built.
+
+        Returns:
+            The step.
+
+        Raises:
+            StepNotFoundError: no step given and none in the path.
+            utils.checkpoint.errors.CheckpointError: not a checkpoint, missing or mixed rank files, bad fsdp_config.
+            StagingSpaceError: not enough room to consolidate.
+        """
+        from utils.checkpoint.errors import MissingRankFileError
+        from utils.checkpoint.layout import detect_layout
+
+        checkpoint_dir = Path(checkpoint_dir)
+        step = self._infer_step(checkpoint_dir, step)
+        layout = detect_layout(checkpoint_dir)
+        if self.include_optimizer and not layout.optim_files:
+            raise MissingRankFileError(
+                f"{layout.actor_dir}: no optim_world_size_{layout.world_size}_rank_*.pt files, but optimizer.pt was "
+                "requested (optimizer_save_mode='full' or strategy='checkpoint'); upload the weights only, or point "
+                "at a checkpoint saved with its optimizer.")
+        check_staging_space(checkpoint_dir, self.staging_dir, include_optimizer=self.include_optimizer)
+        return step
 
     @staticmethod
     def _infer_step(checkpoint_dir: Path, step: int | None) -> int:
@@ -483,7 +535,7 @@ class HuggingFaceUploader:
             StepNotFoundError: a requested step has no directory (before anything is uploaded).
             Preflight errors (token, namespace) before anything is uploaded.
         """
-        found = dict(list_step_dirs(Path(run_dir)))
+        found = dict(find_step_dirs(run_dir))
         if steps is not None:
             missing = sorted(set(steps) - set(found))
             if missing:
@@ -575,7 +627,9 @@ def resume_pending(
     """Finish every upload that left an ``upload_pending.json`` under ``run_dir`` (searched recursively).
 
     The settings come from each marker; the token from ``token``, ``HF_TOKEN`` or the saved login (markers never
-    hold one); the endpoint from ``endpoint`` or the marker. A finished upload removes its marker.
+    hold one). The token goes only to the endpoint the user named (``endpoint``, else ``HF_ENDPOINT``, else
+    huggingface.co): a marker that names another one is refused (a marker file is not consent to send a token
+    somewhere). A finished upload removes its marker.
 
     Returns:
         ``(step_dir, UploadResult or the exception)`` per marker, in path order. Failures are returned, not raised,
@@ -590,7 +644,7 @@ def resume_pending(
             pending = read_pending(step_dir)
             opts = dict(pending.options)
             metrics, base_model = opts.pop("metrics", None), opts.pop("base_model", None)
-            opts["endpoint"] = endpoint or opts.get("endpoint")
+            opts["endpoint"] = _consented_endpoint(opts.get("endpoint"), endpoint, marker)
             uploader = HuggingFaceUploader(pending.repo_id, token=token, **opts)
             result = uploader.upload_from_checkpoint_dir(pending.checkpoint_dir, base_model, pending.step,
                                                          metrics=metrics)
@@ -598,6 +652,21 @@ def resume_pending(
         except Exception as e:  # noqa: BLE001 - reported per marker
             out.append((step_dir, e))
     return out
+
+
+def _consented_endpoint(recorded: str | None, explicit: str | None, marker: Path) -> str:
+    """The endpoint ``resume`` may send the token to: the user's; a marker naming another one is refused."""
+    import os
+
+    from utils.hub.errors import PendingUploadError
+
+    mine = (explicit or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    if recorded and recorded.rstrip("/") != mine:
+        raise PendingUploadError(
+            f"{marker} names the Hub endpoint {recorded}, but this command would use {mine}; resume does not send "
+            f"your token to an endpoint named only by a file. If {recorded} is yours, run again with --endpoint "
+            f"{recorded} (or HF_ENDPOINT={recorded}).")
+    return mine
 
 
 def check_staging_space(checkpoint_dir: str | Path, staging_dir: str | Path | None, *,
