@@ -86,7 +86,7 @@ def main() -> None:
         os.environ["RAY_ADDRESS"] = a.address
         ray.init(log_to_driver=False)
         from training.cluster_gather import ClusterLayout, start_readers
-        from training.hub_upload_hook import _UploadActor
+        from training.upload_actor import _UploadActor
 
         nodes = [n for n in ray.nodes() if n["Alive"]]
         head = next(n["NodeID"] for n in nodes if n["Resources"].get("node:__internal_head__"))
@@ -115,10 +115,10 @@ def main() -> None:
                     out = ray.get(actor.upload.remote(str(run / step), 2, None, {"layout": layout,
                                                                                  "readers": readers}))
                 times[mode].append(time.perf_counter() - started)
-                assert out["ok"], out
+                assert out.status == "uploaded", out
                 rss[mode].append(_rss_mb(actor))
                 if mode == "gather":
-                    moved.append(out["bytes_gathered"])
+                    moved.append(out.bytes_gathered)
                 ray.kill(actor)
         shared, gather = statistics.median(times["shared"]), statistics.median(times["gather"])
         print(f"checkpoint ({args.preset}, W=2): rank files {ckpt_bytes / 1e6:.1f} MB "

@@ -100,6 +100,13 @@ class PrivateDisk:
         self.holder.wait(timeout=30)
 
 
+def _ip(node_ip: str | None) -> list[str]:
+    # Nodes of one simulated cluster on one machine would otherwise all advertise this machine's IP; veRL orders
+    # its ranks by node IP (sort_placement_group_by_node_ip), so on equal IPs rank 0 lands on either node. Distinct
+    # loopback addresses (127.0.0.0/8 all reach this machine) make the order what it is on a real cluster.
+    return [f"--node-ip-address={node_ip}"] if node_ip else []
+
+
 @dataclass
 class RayNode:
     """One ``ray start --block`` process (and everything it started); ``address`` is the head's GCS address."""
@@ -112,8 +119,8 @@ class RayNode:
 
     @classmethod
     def start_head(cls, workdir: Path, *, env: dict[str, str], num_cpus: int = 16, num_gpus: int = 0,
-                   disk: PrivateDisk | None = None, timeout: float = 120) -> RayNode:
-        args = ["--head", f"--port={free_port()}", f"--ray-client-server-port={free_port()}"]
+                   disk: PrivateDisk | None = None, timeout: float = 120, node_ip: str | None = None) -> RayNode:
+        args = ["--head", f"--port={free_port()}", f"--ray-client-server-port={free_port()}", *_ip(node_ip)]
         node = cls._start(workdir, args, env=env, num_cpus=num_cpus, num_gpus=num_gpus, disk=disk, address="",
                           timeout=timeout)
         # the GCS address as Ray advertises it (this machine's IP): what `ray start` recorded in the pointer file
@@ -122,8 +129,9 @@ class RayNode:
 
     @classmethod
     def start_worker(cls, workdir: Path, head_address: str, *, env: dict[str, str], num_cpus: int = 16,
-                     num_gpus: int = 0, disk: PrivateDisk | None = None, timeout: float = 120) -> RayNode:
-        return cls._start(workdir, [f"--address={head_address}"], env=env, num_cpus=num_cpus, num_gpus=num_gpus,
+                     num_gpus: int = 0, disk: PrivateDisk | None = None, timeout: float = 120,
+                     node_ip: str | None = None) -> RayNode:
+        return cls._start(workdir, [f"--address={head_address}", *_ip(node_ip)], env=env, num_cpus=num_cpus, num_gpus=num_gpus,
                           disk=disk, address=head_address, timeout=timeout)
 
     @classmethod

@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 ALICE = "hf_alice_local_token"
 HUB_REPO, NS = "alice/multinode", "mn"
 SKIP = can_make_private_mounts()
+NODE_A_IP, NODE_B_IP = "127.0.0.2", "127.0.0.3"
 SMALL = [
     "data.train_batch_size=4",
     "actor_rollout_ref.actor.ppo_mini_batch_size=4",
@@ -83,7 +84,10 @@ class Cluster:
         self.disk_a, self.disk_b = PrivateDisk([self.ckpt]), PrivateDisk([self.ckpt])
         self.a = self.b = None
         try:
-            self.a = RayNode.start_head(tmp / "node_a", env=self.node_env, num_cpus=8, num_gpus=1, disk=self.disk_a)
+            # distinct node IPs, as on a real cluster: veRL orders ranks by node IP, so rank 0 is on node A (the head,
+            # where the driver and the trainer run) and rank 1 on node B (tests/ray_nodes.py)
+            self.a = RayNode.start_head(tmp / "node_a", env=self.node_env, num_cpus=8, num_gpus=1, disk=self.disk_a,
+                                        node_ip=NODE_A_IP)
             self.b = self.start_b()
         except BaseException:
             self.close()  # a node that started must not outlive a failed setup
@@ -91,7 +95,7 @@ class Cluster:
 
     def start_b(self) -> RayNode:
         return RayNode.start_worker(self.tmp / "node_b", self.a.address, env=self.node_env, num_cpus=8, num_gpus=1,
-                                    disk=self.disk_b)
+                                    disk=self.disk_b, node_ip=NODE_B_IP)
 
     def driver_env(self) -> dict[str, str]:
         return {**self.node_env, "RAY_ADDRESS": self.a.address, "HF_TOKEN": ALICE,
@@ -236,7 +240,7 @@ def test_the_upload_from_node_a_holds_rank_1s_shards_read_on_node_b(runs, tmp_pa
 def test_a_fresh_two_node_run_resumes_from_the_hub_at_step_3_with_each_node_holding_its_own_ranks(runs):
     log = runs["resumed"]
     assert runs["resumed_rc"] == 0, log[-6000:]
-    steps = sorted(int(m) for m in re.findall(r"\bstep:(\d+) - ", log))
+    steps = sorted({int(m) for m in re.findall(r"\bstep (\d+)/\d+ \|", log)})  # the progress lines
     assert steps == [3], steps
     assert "multi-node resume: the ranks' files of" in log and "MB copied" in log
     for step in (2, 3):  # 2: resharded from the Hub; 3: saved by the resumed run

@@ -34,6 +34,7 @@ class UploadOutcome:
         message: What went wrong, one line, without the "finish it later" hint.
         pending_marker: The ``upload_pending.json`` left in the step directory, if any.
         traceback: The redacted traceback, printed to the run's log by the driver.
+        bytes_gathered: Bytes of other nodes' rank files copied here through Ray for this upload (multi-node runs).
         resume_command: A multi-node upload whose gather failed (a node was gone): the command that finishes it
             once the node is back (``python -m training.cluster_upload resume STEP_DIR``); "" otherwise.
     """
@@ -47,6 +48,7 @@ class UploadOutcome:
     message: str = ""
     pending_marker: str | None = None
     traceback: str = ""
+    bytes_gathered: int = 0
     resume_command: str = ""
 
     def raise_if_failed(self) -> UploadOutcome:
@@ -122,7 +124,8 @@ def upload_outcome(settings: dict[str, Any], checkpoint_dir: str | Path, step: i
     if report is not None:
         report.remove_fetched()  # each node keeps only its own ranks' files
         summary += f"; {report.summary()}"
-    return UploadOutcome(step, "uploaded", summary=summary, tag=result.tag, commit=result.commit_sha)
+    return UploadOutcome(step, "uploaded", summary=summary, tag=result.tag, commit=result.commit_sha,
+                         bytes_gathered=report.bytes_moved if report is not None else 0)
 
 
 def _cluster_resume(checkpoint_dir: str | Path) -> str:
