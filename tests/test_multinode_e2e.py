@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import shared_runs
 from tests.ray_nodes import PrivateDisk, RayNode, can_make_private_mounts, ray_test_env, remove_ray_tmpdir
 
 pytestmark = pytest.mark.slow
@@ -39,13 +40,7 @@ HUB_REPO, NS = "alice/multinode", "mn"
 SKIP = can_make_private_mounts()
 NODE_A_IP, NODE_B_IP = "127.0.0.2", "127.0.0.3"
 SMALL = [
-    "data.train_batch_size=4",
-    "actor_rollout_ref.actor.ppo_mini_batch_size=4",
-    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8",
-    "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=8",
-    "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=8",
-    "reasoning_gym.val_size=4",
-    "data.val_batch_size=4",
+    *shared_runs.SMALL,  # the random tiny model (no warm-up build), no validation: plumbing
     "trainer.save_freq=2",
     "trainer.nnodes=2",
     "trainer.n_gpus_per_node=1",

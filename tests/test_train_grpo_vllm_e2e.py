@@ -14,7 +14,6 @@ the actor's recomputed ones for the same tokens); for "the model serves in vLLM"
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.shared_runs import RUN_REPO, SMALL
+from tests.shared_runs import RUN_REPO, SMALL, parse_step_metrics
 from tests.vllm_env import REPO, VLLM_PYTHON, needs_vllm, run_vllm_checks, vllm_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, needs_vllm]
@@ -45,20 +44,6 @@ VLLM_PATH_MARKERS = {
 }
 
 
-def _metrics(log: str) -> dict[int, dict[str, float]]:
-    steps: dict[int, dict[str, float]] = {}
-    for m in re.finditer(r"\bstep:(\d+) - (.*)", log):
-        metrics = {}
-        for kv in m.group(2).split(" - "):
-            key, _, value = kv.partition(":")
-            try:
-                metrics[key.strip()] = float(value)
-            except ValueError:
-                pass
-        steps[int(m.group(1))] = metrics
-    return steps
-
-
 def _train(tmp: Path, name: str, overrides: list[str], env: dict[str, str]) -> dict:
     cmd = [str(VLLM_PYTHON), str(REPO / "train_grpo.py"), f"hydra.run.dir={tmp / name / 'hydra'}", *SMALL, *VLLM,
            *overrides]
@@ -67,7 +52,7 @@ def _train(tmp: Path, name: str, overrides: list[str], env: dict[str, str]) -> d
     log = out.stdout + out.stderr
     (tmp / f"{name}.log").write_text(log)
     assert out.returncode == 0, log[-8000:]
-    return {"log": log, "steps": _metrics(log), "seconds": time.monotonic() - started}
+    return {"log": log, "steps": parse_step_metrics(log), "seconds": time.monotonic() - started}
 
 
 @pytest.fixture(scope="module")
