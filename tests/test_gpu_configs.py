@@ -45,7 +45,8 @@ def test_cpu_demo_with_the_vllm_override_asks_for_the_cpu_platform_and_passes_ve
     from training.trainer import prepare_config
 
     monkeypatch.setenv("VERL_GRPO_HUB_CACHE", str(tmp_path))
-    cfg = prepare_config(compose_config("cpu_demo", ["+cpu_rollout=vllm"]))
+    # the random tiny model: the demo's warm one would be built here (~20 s) and this test is about the rollout keys
+    cfg = prepare_config(compose_config("cpu_demo", ["+cpu_rollout=vllm", "actor_rollout_ref.model.path=tiny://qwen2"]))
     validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
     rollout = cfg.actor_rollout_ref.rollout
     assert rollout.name == "vllm" and rollout.mode == "async"
