@@ -3,7 +3,8 @@
 Each node runs inside its own mount namespace with a private tmpfs at the checkpoint path (tests/ray_nodes.py), so
 a file node B writes there is invisible on node A, as on cloud VMs or pods with node-local disks. One rank per node
 (`trainer.nnodes=2 trainer.n_gpus_per_node=1`), gloo between them; the driver runs inside node A's namespace and
-joins the cluster through RAY_ADDRESS. The nodes' Ray processes do not inherit the Hub token or endpoint: those reach
+joins the cluster as the README tells users: the first run through the pointer file `ray start` wrote on its node
+(the CPU config's `num_cpus`/`num_gpus` dropped), the later ones through RAY_ADDRESS. The nodes' Ray processes do not inherit the Hub token or endpoint: those reach
 the workers through the run itself (an actor argument; the job's runtime environment).
 
 One cluster and two training runs for the module:
@@ -92,13 +93,16 @@ class Cluster:
         return RayNode.start_worker(self.tmp / "node_b", self.a.address, env=self.node_env, num_cpus=8, num_gpus=1,
                                     disk=self.disk_b, node_ip=NODE_B_IP)
 
-    def driver_env(self) -> dict[str, str]:
-        return {**self.node_env, "RAY_ADDRESS": self.a.address, "HF_TOKEN": ALICE,
-                "HF_ENDPOINT": os.environ["HF_ENDPOINT"]}
+    def driver_env(self, ray_address: bool = True) -> dict[str, str]:
+        env = {**self.node_env, "HF_TOKEN": ALICE, "HF_ENDPOINT": os.environ["HF_ENDPOINT"]}
+        if ray_address:
+            env["RAY_ADDRESS"] = self.a.address
+        return env
 
-    def run_on_a(self, name: str, cmd: list[str], on_line=None, timeout: float = 600) -> tuple[int, str]:
+    def run_on_a(self, name: str, cmd: list[str], on_line=None, timeout: float = 600,
+                 ray_address: bool = True) -> tuple[int, str]:
         """Run ``cmd`` inside node A's namespace (it sees node A's disk); return (exit code, output)."""
-        proc = subprocess.Popen(self.disk_a.enter() + cmd, cwd=self.tmp, env=self.driver_env(), text=True,
+        proc = subprocess.Popen(self.disk_a.enter() + cmd, cwd=self.tmp, env=self.driver_env(ray_address), text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         lines: list[str] = []
         timer = threading.Timer(timeout, proc.kill)
@@ -115,10 +119,10 @@ class Cluster:
         (self.tmp / f"{name}.log").write_text(log)
         return proc.returncode, log
 
-    def train(self, name: str, overrides: list[str], on_line=None) -> tuple[int, str]:
+    def train(self, name: str, overrides: list[str], on_line=None, ray_address: bool = True) -> tuple[int, str]:
         cmd = [sys.executable, str(REPO / "train_grpo.py"), f"hydra.run.dir={self.tmp / name / 'hydra'}", *SMALL,
                f"trainer.default_local_dir={self.ckpt / 'run'}", *overrides]
-        return self.run_on_a(name, cmd, on_line)
+        return self.run_on_a(name, cmd, on_line, ray_address=ray_address)
 
     def close(self) -> None:
         for node in (self.b, self.a):
@@ -149,7 +153,9 @@ def cluster(hub_server, tmp_path_factory):
 def runs(cluster, hub_server, tmp_path_factory):
     c = cluster
     out: dict = {}
-    out["first_rc"], out["first"] = c.train("first", ["trainer.total_training_steps=2", "hf_upload.resume=never"])
+    # joins through `ray start`'s pointer file on node A, no RAY_ADDRESS: the README's multi-node launch
+    out["first_rc"], out["first"] = c.train("first", ["trainer.total_training_steps=2", "hf_upload.resume=never"],
+                                            ray_address=False)
     assert out["first_rc"] == 0, out["first"][-6000:]
     # each node's own view of the step-2 checkpoint, before anything else touches it
     step2 = c.ckpt / "run" / "global_step_2"
@@ -207,6 +213,15 @@ def _hub(revision: str, dest: Path) -> dict[str, str]:
 
     path = Path(snapshot_download(HUB_REPO, revision=revision, token=ALICE, local_dir=dest))
     return _sha256_tree(path / NS)
+
+
+def test_the_first_run_joined_the_cluster_ray_start_made_on_its_node(runs, cluster):
+    # the README's launch: `ray start` on every node, then `python train_grpo.py` on the head; cpu_demo's
+    # num_cpus/num_gpus, which made ray.init refuse to join a running cluster, are left out
+    log = runs["first"]
+    assert f"ray: joining the Ray cluster at {cluster.a.address} (`ray start` on this node" in log, log[:3000]
+    assert "not passing num_cpus, num_gpus" in log and "must not be provided" not in log
+    assert "ray: joining the Ray cluster at" in runs["resumed"] and "(RAY_ADDRESS)" in runs["resumed"]
 
 
 def test_each_node_wrote_only_its_own_ranks_files(runs):

@@ -1,6 +1,7 @@
 """Start or join Ray (training/ray_cluster.py): the decision table without Ray; with Ray, every shipped config joins
 a running cluster (found through `ray start`'s pointer file, and through RAY_ADDRESS), a stale pointer is ignored, and
-a real GRPO run joins a cluster started with `ray start`.
+a real GRPO run joins a cluster started with `ray start` (here only where tests/test_multinode_e2e.py cannot run: its
+first run is that proof, on two nodes).
 
 The Ray tests use a private cluster (its own RAY_TMPDIR and ports, stopped by PID), so they pass while another Ray
 cluster runs on the machine, and leave no /tmp/ray/ray_current_cluster behind.
@@ -17,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.ray_nodes import RayNode, free_port, ray_test_env, remove_ray_tmpdir
+from tests.ray_nodes import RayNode, can_make_private_mounts, free_port, ray_test_env, remove_ray_tmpdir
 from training.ray_cluster import START_ONLY_KEYS, RayPlan, plan_ray_init, ray_pointer_file
 
 REPO = Path(__file__).resolve().parents[1]
+MULTINODE_SKIP = can_make_private_mounts()  # why tests/test_multinode_e2e.py skips here (None when it runs)
 CPU_INIT = {"num_cpus": 16, "num_gpus": 2, "include_dashboard": False}
 
 
@@ -194,6 +196,8 @@ def test_a_stale_pointer_from_a_killed_cluster_starts_a_fresh_cluster(head, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not MULTINODE_SKIP, reason="a whole GRPO run joining a `ray start` cluster is the first run of "
+                    "tests/test_multinode_e2e.py (a run of ~55 s saved); this one runs where that one cannot")
 def test_a_grpo_run_joins_a_cluster_started_with_ray_start(head, tmp_path):
     from tests.test_train_grpo_e2e import SMALL
 
