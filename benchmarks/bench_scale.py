@@ -8,7 +8,8 @@ Qwen2.5-0.5B/1.5B/3B shapes (fp32 shards, W=8), beside veRL's merger, the I/O fl
 
 Each size is built, measured and deleted before the next one (3B fp32 shards are 12 GB; ``df -h`` first). Every
 contender runs in its own subprocess (peak RSS from ``os.wait4``: that child alone), round-robin per repeat, from a
-warm page cache; output: bf16 safetensors, 5 GB shards:
+warm page cache; output: bf16 safetensors, 5 GB shards (``--max-shard-size 500MB``: smaller files, which the
+pipelined upload sends while the next ones are written):
 
     floor            python + import torch, read every input byte once, write the output's byte count once
     engine           python utils/load_fsdp_to_hf.py ACTOR OUT --format safetensors --dtype bf16 --quiet
@@ -55,9 +56,9 @@ EXTRAPOLATE = {"7B": 7.6e9, "32B": 32.8e9, "70B": 70.6e9}  # parameters (Qwen2.5
 _UPLOAD = r"""
 import sys
 from utils.hf_uploader import HuggingFaceUploader
-actor, repo, url, token, pipeline = sys.argv[1:6]
+actor, repo, url, token, pipeline, staging, shard = sys.argv[1:8]
 up = HuggingFaceUploader(repo, private=True, token=token, endpoint=url, weights_format="safetensors", dtype="bf16",
-                         progress=False, pipeline=pipeline == "1", staging_dir=sys.argv[6])
+                         progress=False, pipeline=pipeline == "1", staging_dir=staging, max_shard_size=shard)
 up.upload_from_checkpoint_dir(actor, step=1)
 """
 _UPLOAD_FOLDER = r"""
@@ -88,7 +89,8 @@ def build(actor: Path, size: str, world: int, env: dict[str, str]) -> None:
     subprocess.run([sys.executable, "-c", code, str(actor)], cwd=ROOT, env=env, check=True)
 
 
-def measure_size(size: str, work: Path, repeat: int, world: int, skip_verl: bool, env: dict[str, str]) -> dict:
+def measure_size(size: str, work: Path, repeat: int, world: int, skip_verl: bool, env: dict[str, str],
+                 shard: str = "5GB") -> dict:
     from huggingface_hub import HfApi
 
     actor = work / f"{size}_w{world}" / "global_step_1" / "actor"
@@ -110,15 +112,17 @@ def measure_size(size: str, work: Path, repeat: int, world: int, skip_verl: bool
     staging.mkdir(exist_ok=True)
     runs: dict[str, list[tuple[float, int]]] = {k: [] for k in
                                                 ("floor", "engine", "verl merger", "engine+upload", "upload_folder")}
-    out_bytes = 0
+    out_bytes = out_files = 0
     try:
         for rep in range(repeat):
             shutil.rmtree(out_engine, ignore_errors=True)
             wall, rss, rc = run_measured([sys.executable, "utils/load_fsdp_to_hf.py", str(actor), str(out_engine),
-                                          "--format", "safetensors", "--dtype", "bf16", "--quiet"], env)
+                                          "--format", "safetensors", "--dtype", "bf16", "--max-shard-size", shard,
+                                          "--quiet"], env)
             assert rc == 0
             runs["engine"].append((wall, rss))
             out_bytes = sum(p.stat().st_size for p in out_engine.glob("*.safetensors"))
+            out_files = len(list(out_engine.glob("*.safetensors")))
             if not skip_verl:
                 shutil.rmtree(out_verl, ignore_errors=True)
                 wall, rss, rc = run_measured([sys.executable, "-m", "verl.model_merger", "merge", "--backend", "fsdp",
@@ -136,7 +140,7 @@ def measure_size(size: str, work: Path, repeat: int, world: int, skip_verl: bool
                 if kind == "upload_folder":
                     cmd = [sys.executable, "-c", _UPLOAD_FOLDER, str(out_engine), repo, url, TOKEN]
                 else:
-                    cmd = [sys.executable, "-c", _UPLOAD, str(actor), repo, url, TOKEN, "1", str(staging)]
+                    cmd = [sys.executable, "-c", _UPLOAD, str(actor), repo, url, TOKEN, "1", str(staging), shard]
                 wall, rss, rc = run_measured(cmd, env)
                 assert rc == 0
                 runs[kind].append((wall, rss))
@@ -150,7 +154,8 @@ def measure_size(size: str, work: Path, repeat: int, world: int, skip_verl: bool
         shutil.rmtree(out_engine, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)
     return {"size": size, "params": n_params(size), "world_size": world, "in_bytes": in_bytes, "out_bytes": out_bytes,
-            "cpus": os.cpu_count(), "repeat": repeat,
+            "cpus": os.cpu_count(), "repeat": repeat, "max_shard_size": shard,
+            "out_files": out_files,
             "runs": {k: {"walls": [w for w, _ in v], "wall": statistics.median(w for w, _ in v),
                          "peak_rss": max(r for _, r in v)} for k, v in runs.items() if v}}
 
@@ -215,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", type=Path, default=None, help="scratch folder (default: a temp dir, removed)")
     p.add_argument("--keep", action="store_true", help="keep the built checkpoints")
     p.add_argument("--skip-verl", action="store_true")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="largest output file for the engine, engine+upload and so upload_folder (default 5GB)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--fit", nargs="+", type=Path, default=None, metavar="JSON", help="only report saved results")
     args = p.parse_args(argv)
@@ -231,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     try:
         for size in args.sizes.split(","):
-            results.append(measure_size(size, work, args.repeat, args.world_size, args.skip_verl, env))
+            results.append(measure_size(size, work, args.repeat, args.world_size, args.skip_verl, env,
+                                        args.max_shard_size))
             if not args.keep:
                 shutil.rmtree(work / f"{size}_w{args.world_size}", ignore_errors=True)
             if args.json:
