@@ -29,14 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="bench-hf-home-"))
-os.environ.pop("HF_TOKEN", None)
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-TOKEN = "hf_bench_local_token"
+# bench_upload sets the Hub client's environment (no Xet, no telemetry, a private HF_HOME, no HF_TOKEN) on import,
+# before anything imports huggingface_hub
+from benchmarks.bench_upload import TOKEN, start_server  # noqa: E402
 
 
 def _rss_mb(actor) -> float:
@@ -51,7 +48,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
-    from benchmarks.bench_upload import start_server
     from tests.fsdp_writer import write_checkpoint
     from tests.ray_nodes import PrivateDisk, RayNode, can_make_private_mounts, ray_test_env, remove_ray_tmpdir
 

@@ -139,8 +139,21 @@ def run_train(tmp: Path, name: str, overrides: list[str], *, env: dict[str, str]
     """
     cmd = [sys.executable, str(REPO / "train_grpo.py"), f"hydra.run.dir={tmp / name / 'hydra'}", *overrides]
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=tmp, env=env if env is not None else train_env(tmp), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    rc, log = run_streamed(cmd, cwd=tmp, env=env if env is not None else train_env(tmp), on_line=on_line,
+                           timeout=timeout, log_path=tmp / f"{name}.log")
+    assert rc == 0, log[-6000:]
+    return TrainRun(name, log, parse_step_metrics(log), time.monotonic() - started)
+
+
+def run_streamed(cmd: list[str], *, cwd: Path, env: dict[str, str], log_path: Path,
+                 on_line: Callable[[str], None] | None = None, timeout: float = 480) -> tuple[int, str]:
+    """Run ``cmd`` (stdout and stderr merged), handing each line to ``on_line`` as it comes; kill it after ``timeout``.
+
+    Returns (exit code, output). The output is saved at ``log_path``, and beside it (suffix ``.times``) the same lines
+    prefixed with the seconds since start: where a run spends its time.
+    """
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     times: list[str] = []
     timer = threading.Timer(timeout, proc.kill)
@@ -155,10 +168,9 @@ def run_train(tmp: Path, name: str, overrides: list[str], *, env: dict[str, str]
     finally:
         timer.cancel()
     log = "".join(lines)
-    (tmp / f"{name}.log").write_text(log)
-    (tmp / f"{name}.times").write_text("".join(times))
-    assert proc.returncode == 0, log[-6000:]
-    return TrainRun(name, log, parse_step_metrics(log), time.monotonic() - started)
+    log_path.write_text(log)
+    log_path.with_suffix(".times").write_text("".join(times))
+    return proc.returncode, log
 
 
 def train_with_snapshots(tmp: Path, hub_server) -> TrainRun:

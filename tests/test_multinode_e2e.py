@@ -25,7 +25,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -102,22 +101,8 @@ class Cluster:
     def run_on_a(self, name: str, cmd: list[str], on_line=None, timeout: float = 600,
                  ray_address: bool = True) -> tuple[int, str]:
         """Run ``cmd`` inside node A's namespace (it sees node A's disk); return (exit code, output)."""
-        proc = subprocess.Popen(self.disk_a.enter() + cmd, cwd=self.tmp, env=self.driver_env(ray_address), text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        lines: list[str] = []
-        timer = threading.Timer(timeout, proc.kill)
-        timer.start()
-        try:
-            for line in proc.stdout:
-                lines.append(line)
-                if on_line is not None:
-                    on_line(line)
-            proc.wait()
-        finally:
-            timer.cancel()
-        log = "".join(lines)
-        (self.tmp / f"{name}.log").write_text(log)
-        return proc.returncode, log
+        return shared_runs.run_streamed(self.disk_a.enter() + cmd, cwd=self.tmp, env=self.driver_env(ray_address),
+                                        log_path=self.tmp / f"{name}.log", on_line=on_line, timeout=timeout)
 
     def train(self, name: str, overrides: list[str], on_line=None, ray_address: bool = True) -> tuple[int, str]:
         cmd = [sys.executable, str(REPO / "train_grpo.py"), f"hydra.run.dir={self.tmp / name / 'hydra'}", *SMALL,
