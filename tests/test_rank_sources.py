@@ -133,3 +133,40 @@ def test_an_upload_gathers_only_the_rank_files_it_reads(settings, kinds):
     from utils.hf_uploader import HuggingFaceUploader
 
     assert rank_kinds(HuggingFaceUploader("alice/x", token="hf_unused", **settings)) == kinds
+
+
+def _pending_step(tmp_path: Path) -> Path:
+    from utils.hub.pending import PendingUpload, write_pending
+
+    step = tmp_path / "run" / "global_step_3"
+    (step / "actor").mkdir(parents=True)
+    write_pending(step, PendingUpload(checkpoint_dir=str(step), repo_id="alice/x", step=3, options={},
+                                      error="gather: rank 1 on node B is gone"))
+    return step
+
+
+def test_cluster_resume_on_a_node_without_rank_0s_files_says_where_to_run_it(tmp_path, capsys):
+    from training.cluster_upload import main
+
+    assert main(["resume", str(_pending_step(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert "holds no model_world_size_W_rank_r.pt" in err and "actor rank 0's node" in err, err
+
+
+def test_cluster_resume_without_a_ray_cluster_says_how_to_start_one(tmp_path):
+    """A real `python -m training.cluster_upload resume` where no Ray cluster answers: exit 2 at once, what to do."""
+    import os
+    import subprocess
+    import sys
+
+    step = _pending_step(tmp_path)
+    _write(step, "actor/model_world_size_2_rank_0.pt", b"rank 0")
+    base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    for env, why in [({**base, "RAY_ADDRESS": "127.0.0.1:1"}, "connection refused"),  # nothing listens there
+                     ({**base, "RAY_TMPDIR": str(tmp_path / "no-ray")}, "RAY_ADDRESS unset, no `ray start`")]:
+        out = subprocess.run([sys.executable, "-m", "training.cluster_upload", "resume", str(step)], env=env,
+                             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert "cluster_upload: no Ray cluster to join" in out.stderr and why in out.stderr, out.stderr[-3000:]
+        assert "RAY_ADDRESS=HEAD:PORT" in out.stderr
+    assert (step / "upload_pending.json").is_file()  # still there: the command can be run again

@@ -16,12 +16,12 @@ which ranks' files it holds, copies the missing ones here, finishes the upload f
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from training.cluster_gather import ClusterLayout, probe_holders, wanted_files
+from training.ray_cluster import plan_ray_init, refuses_connections
 from utils.checkpoint.errors import RankFileUnavailableError
 from utils.checkpoint.sources import GatherReport, gather_files
 from utils.hub.pending import PendingUpload, read_pending, write_pending
@@ -76,9 +76,21 @@ def _resume(step_dir: Path, root: Path | None) -> int:
     if pending is None:
         print(f"cluster_upload: no upload_pending.json in {step_dir}: nothing to finish", file=sys.stderr)
         return 2
-    world = _world_size(step_dir)
-    # RAY_ADDRESS, else the cluster `ray start` recorded on this node (the one the run used)
-    ray.init(address=None if os.environ.get("RAY_ADDRESS") else "auto", log_to_driver=False)
+    try:
+        world = _world_size(step_dir)
+    except RankFileUnavailableError as e:
+        print(f"cluster_upload: {e}", file=sys.stderr)
+        return 2
+    # RAY_ADDRESS, else the cluster `ray start` recorded on this node (the one the run used). Checked first: ray.init
+    # waits minutes on an address where nothing listens, and "auto" would join any cluster it finds on the machine.
+    plan = plan_ray_init({})
+    why_not = plan.reason if plan.action == "start" else refuses_connections(plan.address)
+    if why_not:
+        print(f"cluster_upload: no Ray cluster to join ({why_not}). Start Ray on this node and on the nodes that "
+              "hold the other ranks' files (`ray start --head` here, `ray start --address=HEAD:6379` there), or "
+              "set RAY_ADDRESS=HEAD:PORT, then run this again.", file=sys.stderr)
+        return 2
+    ray.init(address=plan.address, log_to_driver=False)
     try:
         layout, readers = probe_holders(step_dir, world, root or step_dir.parent)
         from utils.hf_uploader import HuggingFaceUploader

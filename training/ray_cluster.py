@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["FORWARDED_ENV", "START_ONLY_KEYS", "RayPlan", "configure_ray", "forwarded_env", "plan_ray_init",
-           "ray_pointer_file"]
+           "ray_pointer_file", "refuses_connections"]
 
 # ray.init raises ValueError for each of these when it connects to an existing cluster (ray/_private/worker.py).
 START_ONLY_KEYS = ("num_cpus", "num_gpus", "resources", "labels", "object_store_memory", "_system_config",
@@ -86,8 +86,13 @@ def ray_pointer_file(environ: Mapping[str, str] | None = None, temp_dir: str | N
     return Path(temp_dir) / "ray_current_cluster"
 
 
-def _refuses_connections(address: str) -> str | None:
-    """Why ``host:port`` is provably not a running cluster (nothing listens there), or ``None`` if it may be."""
+def refuses_connections(address: str) -> str | None:
+    """Why ``host:port`` is provably not a running cluster (nothing listens there), or ``None`` if it may be.
+
+    Example:
+        >>> refuses_connections("no-port-here")
+        'not a host:port address'
+    """
     host, _, port = address.rpartition(":")
     try:
         with socket.create_connection((host, int(port)), timeout=_CONNECT_TIMEOUT_S):
@@ -128,7 +133,7 @@ def plan_ray_init(ray_init: Mapping[str, Any], *, environ: Mapping[str, str] | N
         recorded = ""
     if not recorded:
         return RayPlan("start", "local", "no cluster to join: RAY_ADDRESS unset, no `ray start` on this node")
-    dead = _refuses_connections(recorded)
+    dead = refuses_connections(recorded)
     if dead:
         return RayPlan("start", "local", f"ignoring the stale {pointer}: no Ray cluster at {recorded}, {dead}")
     return RayPlan("join", recorded, f"`ray start` on this node, recorded in {pointer}", set_start_keys, "auto")
