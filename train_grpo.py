@@ -28,7 +28,7 @@ from training.hub_resume import ResumeError, resume_from_hub
 from training.hub_upload import setup_hub_upload
 from training.hydra_token import with_redaction_callback
 from training.platform_request import apply_platform_request
-from training.ray_cluster import configure_ray
+from training.ray_cluster import check_join_target, configure_ray
 from training.verl_config_path import CONFIG_DIR, with_verl_config_searchpath
 from utils.checkpoint.errors import CheckpointError
 from utils.hub.errors import HubUploadError
@@ -44,6 +44,7 @@ def main(cfg: DictConfig) -> None:
         # its own environment before anything imports veRL (training/platform_request.py).
         apply_platform_request(cfg)
         check_run_config(cfg)
+        check_join_target(cfg)  # a RAY_ADDRESS where nothing listens: seconds, not minutes of ray.init retries
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -63,6 +63,26 @@ def test_an_explicit_address_in_the_config_wins_over_ray_address(address, action
     assert plan.dropped == (() if action == "start" else ("num_cpus", "num_gpus"))
 
 
+def test_joining_an_address_where_nothing_listens_is_a_config_error_at_once(monkeypatch):
+    from training.errors import ConfigError
+    from training.ray_cluster import check_join_target
+
+    dead = _refused_address()
+    monkeypatch.setenv("RAY_ADDRESS", dead)
+    with pytest.raises(ConfigError, match=f"RAY_ADDRESS={dead}: no Ray cluster there \\(connection refused\\)"):
+        check_join_target({"ray_kwargs": {"ray_init": dict(CPU_INIT)}})
+    with pytest.raises(ConfigError, match="ray_kwargs.ray_init.address=.*unset it to start a local cluster"):
+        check_join_target({"ray_kwargs": {"ray_init": {**CPU_INIT, "address": dead}}})
+    # a local start, "auto" and a Ray client address are not probed
+    for address, action in [("local", "start"), ("auto", "join"), (f"ray://{dead}", "join")]:
+        assert check_join_target({"ray_kwargs": {"ray_init": {"address": address}}}).action == action
+    with socket.socket() as listener:  # something answers: joined as planned
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{listener.getsockname()[1]}")
+        assert check_join_target({}).action == "join"
+
+
 def test_a_live_pointer_from_ray_start_is_joined(tmp_path):
     with socket.socket() as listener:  # something answers at the recorded address
         listener.bind(("127.0.0.1", 0))

@@ -20,6 +20,8 @@ BAD_CONFIGS = [
         "reward.custom_reward_function.reward_kwargs.secondary_rewards=[{name: no_such_reward, scaling_factor: 1}]",
         "no_such_reward",
     ),
+    # nothing listens on port 1: ray.init would retry for minutes; the check refuses it at once
+    ("+ray_kwargs.ray_init.address=127.0.0.1:1", "ray_kwargs.ray_init.address=127.0.0.1:1: no Ray cluster there"),
 ]
 
 

@@ -12,6 +12,9 @@ provided"); a pointer left by a killed cluster makes it try to join a cluster th
   start`` on every node, then launch on the head); a pointer whose cluster refuses connections is stale -> ignored;
 - else start a local cluster.
 
+An address to join where nothing listens (``RAY_ADDRESS`` or ``ray_kwargs.ray_init.address``, connection refused) is
+a config error before anything starts (:func:`check_join_target`), not minutes of ``ray.init`` retries.
+
 Joining drops the keys Ray accepts only when it starts a cluster (``num_cpus``, ``num_gpus``, ``resources``, ...):
 the running cluster's own resources count (CPU-only nodes must be started with ``ray start --num-gpus=N``, logical
 GPUs, one per rank).
@@ -37,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["FORWARDED_ENV", "START_ONLY_KEYS", "RayPlan", "configure_ray", "forwarded_env", "plan_ray_init",
-           "ray_pointer_file", "refuses_connections"]
+           "check_join_target", "ray_pointer_file", "refuses_connections"]
 
 # ray.init raises ValueError for each of these when it connects to an existing cluster (ray/_private/worker.py).
 START_ONLY_KEYS = ("num_cpus", "num_gpus", "resources", "labels", "object_store_memory", "_system_config",
@@ -148,6 +151,37 @@ def forwarded_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """
     env = os.environ if environ is None else environ
     return {k: str(env[k]) for k in FORWARDED_ENV if env.get(k)}
+
+
+def check_join_target(cfg: Any) -> RayPlan:
+    """Raise :class:`~training.errors.ConfigError` when the run would join a cluster where nothing listens.
+
+    ``ray.init`` waits minutes on such an address before failing; this answers in seconds, before anything starts.
+    Only a plain ``host:port`` is probed (``auto`` and ``ray://`` addresses are Ray's to resolve), and only a refused
+    connection counts: a timeout proves nothing (a firewall, a slow network).
+
+    Example:
+        >>> check_join_target({"ray_kwargs": {"ray_init": {"address": "local"}}}).action
+        'start'
+    """
+    from omegaconf import OmegaConf
+
+    from training.errors import ConfigError
+
+    ray_init = (cfg.get("ray_kwargs", None) or {}).get("ray_init", None) or {}
+    if OmegaConf.is_config(ray_init):
+        ray_init = OmegaConf.to_container(ray_init, resolve=True)
+    plan = plan_ray_init(ray_init)
+    # a pointer from `ray start` was probed by plan_ray_init already (a dead one means: start a local cluster)
+    if plan.reason not in ("RAY_ADDRESS", "ray_kwargs.ray_init.address") or plan.address == "auto" \
+            or "://" in plan.address:
+        return plan
+    dead = refuses_connections(plan.address)
+    if dead:
+        raise ConfigError(f"{plan.reason}={plan.address}: no Ray cluster there ({dead}). Start one on that node "
+                          f"(`ray start --head --port=PORT`), point {plan.reason} at a running cluster, or unset it to "
+                          "start a local cluster")
+    return plan
 
 
 def configure_ray(cfg: Any) -> RayPlan:
