@@ -84,12 +84,7 @@ def _resume(step_dir: Path, root: Path | None) -> int:
     # RAY_ADDRESS, else the cluster `ray start` recorded on this node (the one the run used). Checked first: ray.init
     # waits minutes on an address where nothing listens, and "auto" would join any cluster it finds on the machine.
     plan = plan_ray_init({})
-    if plan.action == "start":
-        why_not = plan.reason
-    elif plan.address == "auto" or "://" in plan.address:  # Ray's to resolve
-        why_not = None
-    else:
-        why_not = refuses_connections(plan.address)
+    why_not = plan.reason if plan.action == "start" else refuses_connections(plan.address)
     if why_not:
         print(f"cluster_upload: no Ray cluster to join ({why_not}). Start Ray on this node and on the nodes that "
               "hold the other ranks' files (`ray start --head` here, `ray start --address=HEAD:6379` there), or "

@@ -92,10 +92,14 @@ def ray_pointer_file(environ: Mapping[str, str] | None = None, temp_dir: str | N
 def refuses_connections(address: str) -> str | None:
     """Why ``host:port`` is provably not a running cluster (nothing listens there), or ``None`` if it may be.
 
+    ``auto`` and ``ray://`` addresses are Ray's to resolve: never refused here.
+
     Example:
-        >>> refuses_connections("no-port-here")
-        'not a host:port address'
+        >>> refuses_connections("no-port-here"), refuses_connections("auto")
+        ('not a host:port address', None)
     """
+    if address == "auto" or "://" in address:
+        return None
     host, _, port = address.rpartition(":")
     try:
         with socket.create_connection((host, int(port)), timeout=_CONNECT_TIMEOUT_S):
@@ -173,8 +177,7 @@ def check_join_target(cfg: Any) -> RayPlan:
         ray_init = OmegaConf.to_container(ray_init, resolve=True)
     plan = plan_ray_init(ray_init)
     # a pointer from `ray start` was probed by plan_ray_init already (a dead one means: start a local cluster)
-    if plan.reason not in ("RAY_ADDRESS", "ray_kwargs.ray_init.address") or plan.address == "auto" \
-            or "://" in plan.address:
+    if plan.reason not in ("RAY_ADDRESS", "ray_kwargs.ray_init.address"):
         return plan
     dead = refuses_connections(plan.address)
     if dead:
