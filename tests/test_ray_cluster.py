@@ -230,3 +230,25 @@ def test_a_grpo_run_joins_a_cluster_started_with_ray_start(head, tmp_path):
     assert f"ray: joining the Ray cluster at {head.address} (`ray start` on this node" in log
     assert "must not be provided" not in log
     assert "step:1 -" in log
+
+
+@pytest.mark.slow
+def test_a_test_node_that_does_not_start_is_tried_again_then_reported_and_leaves_nothing(tmp_path, capfd):
+    """The scaffolding above (tests/ray_nodes.py): a `ray start` that does not come up in time (here 2 s: its GCS
+    is up, its raylet not yet registered) is tried once more, then raised with Ray's own GCS log, and none of its
+    processes outlive it."""
+    import psutil
+
+    from tests.ray_nodes import RayStartError
+
+    env = ray_test_env({**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        with pytest.raises(RayStartError, match=r"ray start failed") as failed:
+            RayNode.start_head(tmp_path, env=env, num_cpus=1, timeout=2)
+        assert "/logs/gcs_server.out (last 30 lines)" in str(failed.value)
+        assert capfd.readouterr().err.count("ray start failed once, trying again on fresh ports") == 1
+        assert len(list(tmp_path.glob("ray_start.*.log"))) == 2  # two `ray start`, each with its own log
+        left = [p.pid for p in psutil.process_iter(["cmdline"]) if env["RAY_TMPDIR"] in " ".join(p.info["cmdline"] or [])]
+        assert not left, left
+    finally:
+        remove_ray_tmpdir(env)
