@@ -12,7 +12,7 @@ One cluster and two training runs for the module:
    node B through Ray; ground truth: a consolidation of both nodes' files (sha256 of every file).
 2. `resumed`: both disks wiped, `resume=auto`, 3 steps: the Hub snapshot is resharded on node A, rank 1's files move
    to node B, veRL trains step 3 only, and each node holds only its own rank's files. Node B's Ray is then killed
-   while the step-3 upload waits on the Hub (stalled): the upload fails naming rank 1 and node B, the run exits 0 (a
+   while the step-3 upload waits on the Hub (held): the upload fails naming rank 1 and node B, the run exits 0 (a
    failed upload never fails a run unless `hf_upload.fail_on_error`), `upload_pending.json` is left, and once node B
    is back (same disk) `python -m training.cluster_upload resume` finishes it.
 """
@@ -154,16 +154,19 @@ def runs(cluster, hub_server, tmp_path_factory):
         shutil.rmtree(disk.path(c.ckpt / "run"))
 
     events: dict[str, bool] = {}
+    gate = []
 
     def on_line(line: str) -> None:
-        if "multi-node resume:" in line and not events.get("stalled"):
-            # the step-3 upload's preflight waits 40 s on the Hub (its client has no read timeout); node B's Ray is
-            # killed meanwhile, once the trainer is done and only waits for the upload (after 15 s)
-            hub_server.stall_next("whoami", 40)
-            events["stalled"] = True
-        if "[hf_upload] waiting for the Hub upload of step(s) 3" in line and not events.get("killed"):
+        if "multi-node resume:" in line and not events.get("held"):
+            # the step-3 upload's preflight is held by the Hub (its client has no read timeout) until node B's Ray
+            # is killed, once the trainer is done and only waits for the upload: veRL prints "Final validation
+            # metrics" after its last call to the workers. Held, not stalled for a fixed time: no race, no idle wait.
+            gate.append(hub_server.hold_next("whoami"))
+            events["held"] = True
+        if "Final validation metrics" in line and not events.get("killed"):
             c.b.kill()
             events["killed"] = True
+            gate[0].set()
 
     out["resumed_rc"], out["resumed"] = c.train("resumed", ["trainer.total_training_steps=3", "hf_upload.resume=auto"],
                                                 on_line)
@@ -248,7 +251,7 @@ def test_a_fresh_two_node_run_resumes_from_the_hub_at_step_3_with_each_node_hold
 def test_node_b_killed_mid_upload_fails_it_clearly_and_resume_finishes_it_once_the_node_is_back(runs, tmp_path):
     from huggingface_hub import HfApi
 
-    assert runs["events"] == {"stalled": True, "killed": True}
+    assert runs["events"] == {"held": True, "killed": True}
     log = runs["resumed"]
     assert runs["resumed_rc"] == 0  # documented: a failed upload does not fail the run (hf_upload.fail_on_error)
     errors = [line for line in log.splitlines() if "[hf_upload] ERROR step 3" in line]
