@@ -16,4 +16,7 @@ if [ ! -f "$stamp" ]; then
 fi
 bash scripts/install_vllm.sh
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest "$@"
+# Two pytest workers (pytest-xdist): one test process alone leaves a core idle about half the time (Ray and vLLM
+# start-up is mostly one process importing). Each expensive run stays on one worker (tests/conftest.py). Pass
+# `-n 0` to run in one process.
+exec .venv/bin/python -m pytest -n 2 "$@"

@@ -94,6 +94,45 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 # ----- end to end: real Ray training runs, each started once per session (tests/shared_runs.py) -----
 
+# `scripts/test.sh` runs two pytest workers (pytest-xdist). A session fixture runs once in EACH worker that needs it
+# and a module fixture once in each worker that runs one of the module's tests, so the tests are handed out in
+# groups: every module that reads a shared run (the fixtures below) in one group, every other module whole. The
+# heaviest groups go first so that they overlap the many short tests instead of running last.
+SHARED_RUN_FIXTURES = {"e2e_dir", "trained_run", "resumed_run", "no_sync_run"}
+SHARED_RUN_MODULES = {"tests/test_hub_resume_e2e.py", "tests/test_progress_report.py", "tests/test_train_grpo_e2e.py",
+                      "tests/test_train_upload_e2e.py", "tests/test_train_grpo_vllm_e2e.py"}
+HEAVY_FIRST = ["shared_runs", "tests/test_multinode_e2e.py", "tests/test_lora_e2e.py", "tests/test_warm_model.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that reads a shared run outside SHARED_RUN_MODULES would make that run twice under two workers."""
+    strays = sorted({item.nodeid.split("::")[0] for item in items
+                     if SHARED_RUN_FIXTURES & set(getattr(item, "fixturenames", ()))} - SHARED_RUN_MODULES)
+    if strays:
+        raise pytest.UsageError(f"{', '.join(strays)} read(s) a shared run ({', '.join(sorted(SHARED_RUN_FIXTURES))})"
+                                " but is not in SHARED_RUN_MODULES of tests/conftest.py: add it there")
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: only called when xdist runs the tests
+def pytest_xdist_make_scheduler(config, log):
+    # Written here because xdist's own `--dist loadgroup` does not group under pytest 9 (it renames `item._nodeid`,
+    # which pytest 9 no longer reads); `_split_scope` is the override point xdist's own schedulers use.
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RunGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "shared_runs" if module in SHARED_RUN_MODULES else module
+
+        def _assign_work_unit(self, node) -> None:
+            for scope in reversed(HEAVY_FIRST):
+                if scope in self.workqueue:
+                    self.workqueue.move_to_end(scope, last=False)
+            super()._assign_work_unit(node)
+
+    return RunGroups(config, log)
+
+
 @pytest.fixture(scope="session")
 def e2e_dir(tmp_path_factory):
     """The folder the shared training runs write to (their logs are `NAME.log` there)."""
