@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `pip install ARGS` into the environment of TARGET_PYTHON, done by uv when it can (same packages, same versions:
-# a fresh .venv in ~30 s instead of ~65 s on 2 cores), by pip otherwise.
+# a fresh .venv in ~40 s instead of ~65 s on 2 cores, caches empty), by pip otherwise.
 #   bash scripts/pip_install.sh .venv/bin/python -e ".[test]"
 #   VERL_GRPO_HUB_NO_UV=1 bash scripts/pip_install.sh ...     # pip only
 # uv is the one install.sh put in .venv (pinned there). It reads no pip configuration, so the index, extra indexes,

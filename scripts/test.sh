@@ -3,9 +3,9 @@
 #   bash scripts/test.sh                 # everything
 #   bash scripts/test.sh -m "not slow"   # the fast tier: no Ray training runs
 #   bash scripts/test.sh -k merge        # extra arguments go to pytest
-# The install is skipped when .venv was already installed from this exact pyproject.toml + install.sh (a stamp
+# The install is skipped when .venv was already installed from this exact pyproject.toml + install scripts (a stamp
 # file records their hash), so repeated runs go straight to the tests. Then .venv-vllm (vLLM's CPU backend, layered
-# on .venv; ~1 min and 1.3 GB the first time, a second when up to date) for the tests marked `vllm`.
+# on .venv; ~20 s and 1.3 GB the first time, a second when up to date) for the tests marked `vllm`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stamp=".venv/.installed-test-$(cat pyproject.toml scripts/install.sh scripts/pip_install.sh | sha256sum | cut -c1-16)"

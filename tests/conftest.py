@@ -99,7 +99,7 @@ def tiny_model_dir(tmp_path_factory) -> str:
 # groups: every module that reads a shared run (the fixtures below) in one group, every other module whole. The
 # heaviest groups go first so that they overlap the many short tests instead of running last.
 SHARED_RUN_FIXTURES = {"e2e_dir", "trained_run", "resumed_run", "no_sync_run"}
-SHARED_RUN_MODULES = {"tests/test_hub_resume_e2e.py", "tests/test_progress_report.py", "tests/test_train_grpo_e2e.py",
+SHARED_RUN_MODULES = {"tests/test_hub_resume_e2e.py", "tests/test_train_grpo_e2e.py",
                       "tests/test_train_upload_e2e.py", "tests/test_train_grpo_vllm_e2e.py"}
 HEAVY_FIRST = ["shared_runs", "tests/test_multinode_e2e.py", "tests/test_lora_e2e.py", "tests/test_warm_model.py"]
 
