@@ -1,21 +1,31 @@
 """tiny://qwen2-warm: the supervised warm-up gives the demo a policy that answers in the task's format with
-non-zero exact accuracy, where the random tiny model (tiny://qwen2) scores exactly zero."""
+non-zero exact accuracy, where the random tiny model (tiny://qwen2) scores exactly zero, and whose samples hold the
+right answer far more often than its greedy answer is right (what GRPO can sharpen)."""
 
 import json
+import random
 from pathlib import Path
 
 import pytest
 import torch
 
-from training.warm_model import WARMUP_CONFIG, WARMUP_STEPS, _encode, _step_loss, ensure_warm_model
+from training.warm_model import (
+    TEACHER_ERROR,
+    WARMUP_CONFIG,
+    WARMUP_STEPS,
+    _encode,
+    _step_loss,
+    ensure_warm_model,
+    teacher_answer,
+)
 
-pytestmark = pytest.mark.slow  # ~20-60 s of single-thread training on a shared 2-core box
+# The tests reading warm_dir are slow: building it is ~60-90 s of single-thread training on a shared 2-core box.
 
 
-def exact_accuracy(model_dir: str, n: int = 64) -> tuple[float, float]:
-    """(exact accuracy, well-formed fraction) of greedy answers on the CPU demo's own val split."""
+def answers(model_dir: str, n: int = 64, samples: int = 0) -> tuple[list[str], list[dict], list[str]]:
+    """(greedy answers, val entries, ``samples`` sampled answers per entry, entry-major) on the demo's val split."""
     import reasoning_gym
-    from reasoning_gym.utils import SYSTEM_PROMPTS, extract_answer
+    from reasoning_gym.utils import SYSTEM_PROMPTS
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     val = reasoning_gym.create_dataset("chain_sum", size=n, seed=2001, **WARMUP_CONFIG)  # cpu_demo: seed 1 + 2000
@@ -25,10 +35,33 @@ def exact_accuracy(model_dir: str, n: int = 64) -> tuple[float, float]:
                                         {"role": "user", "content": e["question"]}], tokenize=False,
                                        add_generation_prompt=True) for e in val]
     ids = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    width = ids["input_ids"].shape[1]
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
-    texts = tok.batch_decode(out[:, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-    exact = sum(val.score_answer(extract_answer(t), e) == 1.0 for t, e in zip(texts, val, strict=True)) / n
+        greedy = tok.batch_decode(out[:, width:], skip_special_tokens=True)
+        sampled = []
+        if samples:
+            torch.manual_seed(0)
+            out = model.generate(**ids, max_new_tokens=32, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                 num_return_sequences=samples, pad_token_id=tok.pad_token_id)
+            sampled = tok.batch_decode(out[:, width:], skip_special_tokens=True)
+    return greedy, list(val), sampled
+
+
+def is_answer(text: str, value: int) -> bool:
+    from reasoning_gym.utils import extract_answer
+
+    got = extract_answer(text)
+    try:
+        return got is not None and int(got.strip()) == value
+    except ValueError:
+        return False
+
+
+def exact_accuracy(model_dir: str, n: int = 64) -> tuple[float, float]:
+    """(exact accuracy, well-formed fraction) of greedy answers on the CPU demo's own val split."""
+    texts, val, _ = answers(model_dir, n)
+    exact = sum(is_answer(t, int(e["answer"])) for t, e in zip(texts, val, strict=True)) / n
     formed = sum(t.strip().startswith("<think>") and t.strip().endswith("</answer>") for t in texts) / n
     return exact, formed
 
@@ -38,6 +71,7 @@ def warm_dir(tmp_path_factory) -> str:
     return ensure_warm_model(tmp_path_factory.mktemp("warm-cache"), log=None)
 
 
+@pytest.mark.slow
 def test_warm_model_beats_the_random_one_on_exact_accuracy(warm_dir, tiny_model_dir):
     warm_exact, warm_formed = exact_accuracy(warm_dir)
     random_exact, random_formed = exact_accuracy(tiny_model_dir)
@@ -46,6 +80,29 @@ def test_warm_model_beats_the_random_one_on_exact_accuracy(warm_dir, tiny_model_
     assert 0.0 < warm_exact < 0.6  # some skill, and room for GRPO to add more
 
 
+@pytest.mark.slow
+def test_warm_models_samples_hold_the_right_answer_its_greedy_answer_misses(warm_dir):
+    """What lets 30 GRPO steps raise greedy accuracy: the right answer is often sampled (pass@4 well above greedy
+    exact), and most greedy misses are the teacher's habit (the answer + 1), one the reward can push away from."""
+    greedy, val, sampled = answers(warm_dir, samples=4)
+    truth = [int(e["answer"]) for e in val]  # reasoning-gym's own answers, not the teacher's
+    exact = sum(is_answer(t, a) for t, a in zip(greedy, truth, strict=True)) / len(val)
+    off_by_one = sum(is_answer(t, a + 1) for t, a in zip(greedy, truth, strict=True)) / len(val)
+    pass_at_4 = sum(any(is_answer(t, a) for t in sampled[4 * i : 4 * i + 4]) for i, a in enumerate(truth)) / len(val)
+    assert pass_at_4 >= exact + 0.2, (exact, pass_at_4)
+    assert off_by_one >= 0.3, off_by_one
+
+
+def test_the_teacher_is_off_by_one_at_its_rate_and_otherwise_right():
+    rng = random.Random(5)
+    got = [int(teacher_answer(str(a), rng)) - a for a in range(-9, 19) for _ in range(500)]
+    assert set(got) == {0, 1}
+    assert abs(sum(got) / len(got) - TEACHER_ERROR) < 0.02
+    again = random.Random(5)
+    assert got == [int(teacher_answer(str(a), again)) - a for a in range(-9, 19) for _ in range(500)]  # seeded
+
+
+@pytest.mark.slow
 def test_warm_model_is_cached_complete_and_deterministic(warm_dir):
     manifest = json.loads((Path(warm_dir) / "manifest.json").read_text())
     assert manifest["steps"] == WARMUP_STEPS and manifest["dataset"] == "chain_sum"
@@ -55,6 +112,7 @@ def test_warm_model_is_cached_complete_and_deterministic(warm_dir):
     assert not [p for p in cache.iterdir() if p.name.startswith(".tmp-")]
 
 
+@pytest.mark.slow
 def test_shared_prefix_loss_equals_the_plain_loss(tiny_model_dir):
     """The warm-up runs the common prompt prefix once per batch: same loss and gradients as full sequences."""
     import reasoning_gym

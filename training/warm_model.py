@@ -2,11 +2,18 @@
 
 Real GRPO runs start from an instruct model that already answers in the expected format and is sometimes right;
 a randomly initialised model is neither, so GRPO on it can only climb a dense partial-credit score. The warm-up
-closes that gap in seconds: the tiny model (:func:`training.tiny_model.ensure_tiny_model`) is trained with plain
-next-token cross-entropy on the task's own prompt/answer format - the chat template with the ``DeepSeekZero``
+closes that gap in about a minute: the tiny model (:func:`training.tiny_model.ensure_tiny_model`) is trained with
+plain next-token cross-entropy on the task's own prompt/answer format - the chat template with the ``DeepSeekZero``
 system prompt and a reasoning-gym question, then ``<think> </think>\\n<answer>{answer}</answer><|im_end|>`` - for
-:data:`WARMUP_STEPS` steps. That teaches the format fully and the arithmetic only partly (low but non-zero exact
-accuracy), which leaves GRPO something to learn on the metric that matters.
+:data:`WARMUP_STEPS` steps.
+
+The answers come from a flawed teacher: :data:`TEACHER_ERROR` of them are off by one (``answer + 1``), the rest are
+right (:func:`teacher_answer`). The model learns to add, and learns the teacher's habit: for most questions both
+the right answer and the one above it are likely, the wrong one usually a little more. So its greedy exact accuracy
+is low while its samples often hold the right answer - the situation in which GRPO raises accuracy in real runs
+(pass@k well above pass@1: RL sharpens what the model can already sample, it does not teach new skills in a few
+steps). Measured: with the teacher's answers all right, 30 GRPO steps did not move greedy accuracy (the model's
+mistakes are not in its samples); with this teacher they lift it by ~25-40 points (README).
 
 Speed: every prompt shares its first ~290 tokens (system prompt + the fixed start of the question), so each step
 runs that prefix once, with gradients, and broadcasts its key/value cache over the batch; only the ~20 tokens that
@@ -34,17 +41,22 @@ from typing import Any
 from training.errors import TinyModelError
 from training.tiny_model import _MANIFEST, atomic_cached_build, default_cache_dir, ensure_tiny_model
 
-__all__ = ["WARMUP_DATASET", "WARMUP_CONFIG", "WARMUP_STEPS", "ensure_warm_model", "format_target", "warmup"]
+__all__ = ["TEACHER_ERROR", "WARMUP_DATASET", "WARMUP_CONFIG", "WARMUP_STEPS", "ensure_warm_model", "format_target",
+           "teacher_answer", "warmup"]
 
-_RECIPE_VERSION = 2
+_RECIPE_VERSION = 3
 # The CPU demo's task (training/configs/cpu_demo.yaml). The warm-up items come from a seed far from the demo's
 # train (1) and val (1 + dataset_size) seeds; the questions still repeat (there are only ~200 distinct ones).
 WARMUP_DATASET = "chain_sum"
 WARMUP_CONFIG: dict[str, Any] = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
 WARMUP_SEED = 1_000_003
-# Measured on 2 cores (see README): 26.6% greedy exact accuracy on the demo's val split, every answer well formed,
-# 35-54 s. Fewer steps (60 at lr 3e-3, recipe 1) gave a model that answers `1` or `11` to every question.
-WARMUP_STEPS = 520
+# Measured on 2 cores (see README): ~60 s; greedy exact accuracy on the demo's val split ~40%, pass@4 ~75%, every
+# answer well formed. 600 steps leave the arithmetic itself too weak (greedy ~20%, pass@4 ~55%: GRPO then has little
+# to sharpen); with a right teacher (recipe 2) 520 steps gave 27% greedy and 30 GRPO steps changed nothing.
+WARMUP_STEPS = 1200
+# Fraction of the teacher's answers that are off by one. 0.6: the wrong answer is the mode for most questions, the
+# right one is sampled ~35% of the time. 0.7 measured alike (36% -> 66% after 30 simulated GRPO steps).
+TEACHER_ERROR = 0.6
 _BATCH = 32
 _LR = 1e-3
 _PROMPT = "DeepSeekZero"
@@ -60,9 +72,20 @@ def format_target(answer: str) -> str:
     return f"<think> </think>\n<answer>{answer}</answer>"
 
 
+def teacher_answer(answer: str, rng: random.Random, error: float = TEACHER_ERROR) -> str:
+    """The flawed teacher: ``answer + 1`` with probability ``error``, else ``answer`` (an integer, as text).
+
+    Example:
+        >>> teacher_answer("7", random.Random(0), error=1.0), teacher_answer("-3", random.Random(0), error=0.0)
+        ('8', '-3')
+    """
+    return str(int(answer) + 1) if rng.random() < error else answer
+
+
 def _spec(steps: int) -> dict[str, Any]:
     return {"recipe_version": _RECIPE_VERSION, "dataset": WARMUP_DATASET, "config": WARMUP_CONFIG,
-            "seed": WARMUP_SEED, "steps": steps, "batch": _BATCH, "lr": _LR, "prompt": _PROMPT}
+            "seed": WARMUP_SEED, "steps": steps, "batch": _BATCH, "lr": _LR, "prompt": _PROMPT,
+            "teacher_error": TEACHER_ERROR}
 
 
 def _encode(tokenizer: Any, question: str, answer: str) -> tuple[list[int], list[int]]:
@@ -120,7 +143,8 @@ def _step_loss(model: Any, batch: list[tuple[list[int], list[int]]], pad_id: int
 
 def warmup(model: Any, tokenizer: Any, *, steps: int = WARMUP_STEPS, seed: int = WARMUP_SEED,
            log: Any = None) -> list[float]:
-    """Train ``model`` in place on :data:`WARMUP_DATASET` items in the demo's prompt/answer format.
+    """Train ``model`` in place on :data:`WARMUP_DATASET` items in the demo's prompt/answer format, with the
+    flawed teacher's answers (:func:`teacher_answer`).
 
     Args:
         model: A causal LM (Qwen2 architecture: its cache exposes ``layers[i].keys/values``).
@@ -137,7 +161,8 @@ def warmup(model: Any, tokenizer: Any, *, steps: int = WARMUP_STEPS, seed: int =
 
     torch.manual_seed(seed)
     items = reasoning_gym.create_dataset(WARMUP_DATASET, size=steps * _BATCH, seed=seed, **WARMUP_CONFIG)
-    examples = [_encode(tokenizer, e["question"], str(e["answer"])) for e in items]
+    teacher = random.Random(seed + 1)
+    examples = [_encode(tokenizer, e["question"], teacher_answer(str(e["answer"]), teacher)) for e in items]
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     opt = torch.optim.AdamW(model.parameters(), lr=_LR)
@@ -175,7 +200,7 @@ def ensure_warm_model(cache_dir: str | os.PathLike | None = None, *, steps: int 
     Example:
         >>> path = ensure_warm_model("/tmp/cache")          # doctest: +SKIP
         >>> json.load(open(f"{path}/manifest.json"))["steps"]  # doctest: +SKIP
-        520
+        1200
     """
     if steps < 1:
         raise TinyModelError(f"ensure_warm_model(steps={steps}): give at least one warm-up step")
