@@ -151,7 +151,7 @@ def warmup(model: Any, tokenizer: Any, *, steps: int = WARMUP_STEPS, seed: int =
         tokenizer: Its tokenizer, with a chat template.
         steps: Optimizer steps of :data:`_BATCH` examples each.
         seed: reasoning-gym seed of the warm-up items (and of the batch order and init noise).
-        log: Optional ``callable(str)`` for a progress line every 20 steps.
+        log: Optional ``callable(str)`` for a progress line every 100 steps.
 
     Returns:
         The loss of every step.
@@ -175,7 +175,7 @@ def warmup(model: Any, tokenizer: Any, *, steps: int = WARMUP_STEPS, seed: int =
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        if log is not None and ((step + 1) % 20 == 0 or step + 1 == steps):
+        if log is not None and ((step + 1) % 100 == 0 or step + 1 == steps):
             log(f"warm-up step {step + 1}/{steps}: loss {losses[-1]:.3f} ({time.perf_counter() - started:.0f}s)")
     model.eval()
     return losses
