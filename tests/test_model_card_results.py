@@ -116,3 +116,39 @@ def test_metric_log_with_the_current_step_appended(tmp_path):
     curves_for_step(log, 3, {"critic/score/mean": 2.0}, tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     assert 3 not in read_metrics(find_metric_logs(tmp_path))  # the log itself is veRL's: never written here
+
+
+@pytest.mark.parametrize("path", ["tiny://qwen2-warm", "Qwen/Qwen2.5-1.5B", "/home/alice/models/qwen"])
+def test_card_names_the_base_model_each_kind_of_model_path_allows(path):
+    """A Hub id: metadata + link; the offline demo model: named with what it is (the issue asks the card for the
+    base model, and no Hub page can say what tiny://qwen2-warm is); a local path: not named (it names a user's
+    folders)."""
+    from omegaconf import OmegaConf
+
+    from training.hub_upload import uploader_settings
+
+    cfg = OmegaConf.create({"hf_upload": {"repo_id": "a/m"}, "actor_rollout_ref": {"model": {"path": path}}})
+    card = render_model_card(CardInfo(repo_id="a/m", step=3, revision="step-3",
+                                      **uploader_settings(cfg)["card_info"]))
+    meta = ModelCard(card).data.to_dict()
+    if path.startswith("tiny://"):
+        [row] = [line for line in card.splitlines() if line.startswith("| base model |")]
+        assert "`tiny://qwen2-warm`" in row and "off by one 60%" in row and "training/warm_model.py" in row
+        assert "base_model" not in meta  # not a Hub id: the Hub would reject the card's metadata
+    elif path.startswith("/"):
+        assert "| base model |" not in card and "alice" not in card and "base_model" not in meta
+    else:
+        assert meta["base_model"] == path
+        assert f"| base model | [{path}](https://huggingface.co/{path}) |" in card
+
+
+def test_a_described_base_model_replaces_the_plain_name_in_one_row():
+    """A LoRA run on the demo model knows its base as the cache folder (adapter_config.json): the card shows the
+    description instead, once, while the adapter's loading lines keep the folder."""
+    from training.hub_upload import tiny_model_description
+
+    card = render_model_card(CardInfo(repo_id="a/m", step=3, revision="step-3", base_model="/cache/tiny-qwen2-abc",
+                                      extra={"base model": tiny_model_description("tiny://qwen2")}))
+    rows = [line for line in card.splitlines() if line.startswith("| base model |")]
+    assert rows == ["| base model | `tiny://qwen2`: this project's offline tiny Qwen2, randomly initialised "
+                    "(training/tiny_model.py) |"]

@@ -30,7 +30,7 @@ from utils.hf_uploader import HuggingFaceUploader
 from utils.hub.client import PreflightReport
 from utils.hub.errors import InvalidUploadConfigError
 
-__all__ = ["CALLBACK_CLASS", "FORCED_SAVE_FREQ", "setup_hub_upload", "uploader_from_config",
+__all__ = ["CALLBACK_CLASS", "FORCED_SAVE_FREQ", "setup_hub_upload", "tiny_model_description", "uploader_from_config",
            "uploader_settings"]
 
 logger = logging.getLogger(__name__)
@@ -58,11 +58,29 @@ def hf_upload_section(cfg: Any) -> Any:
         raise InvalidUploadConfigError(str(e)) from None
 
 
+def tiny_model_description(path: str) -> str:
+    """What a ``tiny://`` base model is, for the model card (it is built offline, so no Hub page can say it).
+
+    Example:
+        >>> tiny_model_description("tiny://qwen2")
+        "`tiny://qwen2`: this project's offline tiny Qwen2, randomly initialised (training/tiny_model.py)"
+    """
+    if path == "tiny://qwen2-warm":
+        from training.warm_model import TEACHER_ERROR, WARMUP_DATASET, WARMUP_STEPS
+
+        return (f"`{path}`: this project's offline tiny Qwen2 after {WARMUP_STEPS} supervised steps on "
+                f"{WARMUP_DATASET} from a teacher whose answers are off by one {TEACHER_ERROR:.0%} of the time "
+                "(training/warm_model.py)")
+    return f"`{path}`: this project's offline tiny Qwen2, randomly initialised (training/tiny_model.py)"
+
+
 def uploader_settings(cfg: Any) -> dict[str, Any]:
     """Keyword arguments of :class:`HuggingFaceUploader` for this run's ``hf_upload`` block (never a token).
 
-    The model card learns the base model (unless it is the offline ``tiny://`` demo model) and the reasoning-gym
-    datasets with their weights.
+    The model card learns the base model and the reasoning-gym datasets with their weights. A Hub id goes into the
+    card's metadata and links to its page; the offline ``tiny://`` models are named in the card's details table with
+    what they are (:func:`tiny_model_description`); a local path is left out (it means nothing to the card's readers
+    and may name a user's folders).
 
     Raises:
         InvalidUploadConfigError: an unknown ``hf_upload`` key or a wrong type (a typo would otherwise be ignored).
@@ -76,7 +94,9 @@ def uploader_settings(cfg: Any) -> dict[str, Any]:
         "max_new_tokens": int(_get(cfg, "data.max_response_length", 64)),
     }
     base_model = str(_get(cfg, "actor_rollout_ref.model.path", "") or "")
-    if base_model and not base_model.startswith("tiny://") and not base_model.startswith("/"):
+    if base_model.startswith("tiny://"):
+        card_info["extra"]["base model"] = tiny_model_description(base_model)
+    elif base_model and not base_model.startswith("/"):
         card_info["base_model"] = base_model  # a Hub id; local paths mean nothing to readers of the card
     return {
         "lora": hf.lora,  # LoRA runs only: adapter | merged | both

@@ -153,7 +153,9 @@ def render_model_card(info: CardInfo) -> str:
     versions = framework_versions()
     base_link = f"[{info.base_model}](https://huggingface.co/{info.base_model})" \
         if _hub_model_id(info.base_model) else info.base_model
-    rows = [("step", info.step), ("revision", f"`{info.revision}`"), ("base model", base_link),
+    # extra["base model"] (a base no Hub page describes, e.g. the offline demo model) replaces the plain name
+    base_row = None if "base model" in info.extra else base_link
+    rows = [("step", info.step), ("revision", f"`{info.revision}`"), ("base model", base_row),
             ("dtype", info.dtype), ("world size (ranks)", info.world_size), ("weights", info.weights_format),
             ("optimizer state", "`optimizer.pt` (keyed by parameter name)" if info.optimizer else None)]
     rows += lora_rows(info.lora)
