@@ -33,6 +33,7 @@ HF_UPLOAD_DISABLED = {
     "max_attempts": 4,
     "final_wait_timeout": 10800,
     "lora": "adapter",
+    "base_model": None,
 }
 
 
@@ -184,7 +185,7 @@ def test_a_users_own_config_gets_the_typed_sections_and_the_redaction_callback(t
     apply_schema(cfg)
     assert cfg.hf_upload.enabled is True and cfg.hf_upload.private is True and cfg.curriculum.last_k == 20
     cfg.hf_upload = {"enabled": True, "privat": True}  # untyped again, as a user's config would hold it
-    with pytest.raises(ConfigError, match=r"hf_upload.privat is not a known key; valid keys: bootstrap_from, dtype, enabled, "):
+    with pytest.raises(ConfigError, match=r"hf_upload.privat is not a known key; valid keys: base_model, bootstrap_from, dtype, enabled, "):
         apply_schema(cfg)
 # LoRA variants: config groups composed onto a shipped config (`+lora=cpu`, `+lora=gpu`), checked like the others and
 # by veRL's own validation (what train_grpo.py runs before Ray).

@@ -120,6 +120,17 @@ def test_marker_token_appears_in_no_log_config_card_or_commit(runs, tmp_path):
         assert "step" in card.read_text() and MARKER not in card.read_text()
 
 
+def test_the_uploaded_cards_name_the_base_model_as_the_run_config_wrote_it(runs):
+    """The run loads tiny://qwen2 from a cache folder (prepare_config); its cards name tiny://qwen2, not the folder."""
+    from huggingface_hub import hf_hub_download
+
+    for revision in ("step-0", "step-2"):  # the bootstrap upload (hub_resume) and the trainer's hook
+        card = Path(hf_hub_download(RUN_REPO, "README.md", revision=revision, token=ALICE)).read_text()
+        [row] = [line for line in card.splitlines() if line.startswith("| base model |")]
+        assert "`tiny://qwen2`" in row and "randomly initialised" in row, row
+        assert "tiny-qwen2-" not in card  # no cache folder (tiny-qwen2-<hash>)
+
+
 def test_server_down_at_the_end_exits_0_with_a_pending_marker_and_the_command(end_runs):
     assert end_runs["was_down"]
     assert end_runs["pending_after_run"] == ["global_step_3/upload_pending.json"]

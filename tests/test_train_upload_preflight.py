@@ -122,3 +122,24 @@ def test_max_attempts_reaches_the_uploader_and_zero_is_refused_before_any_hub_ca
     with pytest.raises(InvalidUploadConfigError, match=r"hf_upload.max_attempts=0: give at least 1"):
         setup_hub_upload(_cfg(repo_id="alice/x", max_attempts=0))
     assert hub.requests.total() == 0
+
+
+@pytest.mark.parametrize("given, path, named", [
+    (None, "tiny://qwen2-warm", "tiny://qwen2-warm"),  # the demo: named as written, before it becomes a cache folder
+    ("Qwen/Qwen2.5-3B-Instruct", "/data/models/qwen-3b", "Qwen/Qwen2.5-3B-Instruct"),  # a local copy, named by hand
+], ids=["as-written", "by-hand"])
+def test_the_card_names_the_base_model_as_written_not_the_folder_it_resolves_to(hub, request, monkeypatch, given,
+                                                                                path, named):
+    from training.hub_upload import uploader_settings
+    from utils.hub.card import CardInfo, render_model_card
+
+    monkeypatch.setenv("HF_TOKEN", hub.token_for("alice"))
+    cfg = _cfg(repo_id=f"alice/base-{request.node.callspec.id}", base_model=given)
+    cfg.actor_rollout_ref.model.path = path
+    setup_hub_upload(cfg)
+    assert cfg.hf_upload.base_model == named
+    cfg.actor_rollout_ref.model.path = "/root/.cache/verl-grpo-hub/tiny-qwen2-warm-0123"  # as prepare_config resolves
+    card = render_model_card(CardInfo(repo_id="alice/m", step=1, revision="step-1",
+                                      **uploader_settings(cfg)["card_info"]))
+    [row] = [line for line in card.splitlines() if line.startswith("| base model |")]
+    assert named in row and "/root/" not in card

@@ -121,6 +121,9 @@ class HfUploadConfig:
     request_timeout: float = 120.0  # s one Hub request may stall (connect 10 s) before it fails and is retried
     max_attempts: int = 4  # tries of each Hub commit or read (backoff 2 s, doubling, jittered) before an upload fails
     final_wait_timeout: float = 10800.0  # s the run waits for its last upload; then upload_pending.json is left
+    # The model card's base model: a Hub id (metadata + link) or tiny://...; default actor_rollout_ref.model.path as
+    # written (recorded at preflight, before the run resolves tiny:// to a cache folder). A local path is left out.
+    base_model: str | None = None
 
 
 @dataclass

@@ -93,11 +93,12 @@ def uploader_settings(cfg: Any) -> dict[str, Any]:
         "extra": {"experiment": str(_get(cfg, "trainer.experiment_name", ""))},
         "max_new_tokens": int(_get(cfg, "data.max_response_length", 64)),
     }
-    base_model = str(_get(cfg, "actor_rollout_ref.model.path", "") or "")
-    if base_model.startswith("tiny://"):
-        card_info["extra"]["base model"] = tiny_model_description(base_model)
-    elif base_model and not base_model.startswith("/"):
-        card_info["base_model"] = base_model  # a Hub id; local paths mean nothing to readers of the card
+    base_model = str(_get(cfg, "actor_rollout_ref.model.path", "") or "")  # what the run loads
+    named = str(hf.base_model or base_model)  # what the card names (setup_hub_upload records it as written)
+    if named.startswith("tiny://"):
+        card_info["extra"]["base model"] = tiny_model_description(named)
+    elif named and not named.startswith("/"):
+        card_info["base_model"] = named  # a Hub id; local paths mean nothing to readers of the card
     return {
         "lora": hf.lora,  # LoRA runs only: adapter | merged | both
         # adapter_config.json's base_model_name_or_path: the Hub id, or the local folder the run loaded
@@ -162,7 +163,8 @@ def setup_hub_upload(cfg: Any) -> PreflightReport | None:
     Call before Ray starts: every failure here costs seconds, not a training run.
 
     Args:
-        cfg: The composed run config (modified in place: callback class, forced last-step save).
+        cfg: The composed run config (modified in place: callback class, forced last-step save,
+            ``hf_upload.base_model`` as written when unset).
 
     Returns:
         The preflight report (user, repo, visibility), or ``None`` when ``hf_upload.enabled`` is false.
@@ -198,6 +200,10 @@ def setup_hub_upload(cfg: Any) -> PreflightReport | None:
                 f"{CALLBACK_CLASS!r}. Subclass HubUploadCallback in your callback, or disable hf_upload."
             )
         cfg.trainer.checkpoint_callback_class = CALLBACK_CLASS
+        if not _get(cfg, "hf_upload.base_model", None):
+            # The base model as the user wrote it: prepare_config later resolves tiny://... to a cache folder, which
+            # the card would have to leave out (uploader_settings).
+            cfg.hf_upload.base_model = str(_get(cfg, "actor_rollout_ref.model.path", "") or "") or None
         if int(_get(cfg, "trainer.save_freq", -1)) <= 0:
             # No checkpoint means nothing to consolidate: save (only) at the last step instead.
             print("hf_upload: trainer.save_freq <= 0 would save nothing; saving at the last step for the upload",
