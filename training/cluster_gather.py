@@ -37,8 +37,8 @@ from utils.checkpoint.sources import (
     rank_file_names,
 )
 
-__all__ = ["ShardReader", "RayRankSource", "ClusterLayout", "locate_ranks", "start_readers", "wanted_files",
-           "probe_holders", "place_rank_files", "TRAINER_FILES", "IN_FLIGHT", "CALL_TIMEOUT_S"]
+__all__ = ["ShardReader", "RayRankSource", "ClusterLayout", "answering_readers", "locate_ranks", "start_readers",
+           "wanted_files", "probe_holders", "place_rank_files", "TRAINER_FILES", "IN_FLIGHT", "CALL_TIMEOUT_S"]
 
 # Files the trainer process (veRL's TaskRunner) writes into global_step_N, on its own node; optional ones may be absent.
 TRAINER_FILES = {"data.pt": False, "lineage.json": False, "curriculum_state.json": False}
@@ -223,6 +223,27 @@ def wanted_files(step_dir: str | Path, layout: ClusterLayout, readers: Mapping[s
     return out
 
 
+def answering_readers(readers: Mapping[str, Any]) -> tuple[dict[str, tuple[str, str]], dict[str, Any]]:
+    """``({node: (node id, IP)}, {node: reader})`` for the readers that answer; a reader that died is left out.
+
+    A node that just died stays listed alive until Ray's health check gives up on it (seconds), so a resume started
+    right after a node was lost or restarted can place a reader there; that reader dies with the node
+    (``RayActorError`` once Ray notices). Its files are unreachable, as on a node no longer listed: gathering then
+    reports each rank file missing by name.
+
+    Example:
+        >>> where, readers = answering_readers(start_readers(alive_nodes, run_dir))  # doctest: +SKIP
+    """
+    calls = {node: reader.where.remote() for node, reader in readers.items()}
+    where = {}
+    for node, call in calls.items():
+        try:
+            where[node] = ray.get(call)
+        except ray.exceptions.RayActorError:
+            continue
+    return where, {node: readers[node] for node in where}
+
+
 def probe_holders(step_dir: str | Path, world_size: int, root: str | Path, *,
                   kinds: Sequence[str] = ("model",)) -> tuple[ClusterLayout, dict[str, Any]]:
     """After the run (no worker group): find which alive node holds each rank's files by asking a reader on each.
@@ -231,8 +252,7 @@ def probe_holders(step_dir: str | Path, world_size: int, root: str | Path, *,
         The layout (a rank held nowhere maps to this node, so gathering reports it missing) and the readers.
     """
     alive = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
-    readers = start_readers(alive, root)
-    where = dict(zip(alive, ray.get([r.where.remote() for r in readers.values()]), strict=True))
+    where, readers = answering_readers(start_readers(alive, root))
     here = ray.get_runtime_context().get_node_id()
     rank_nodes = []
     for rank in range(world_size):
