@@ -119,7 +119,11 @@ def _greedy(model_dirs: list[str]) -> dict[str, Any]:
         del hf_model
         llm = LLM(model=path, dtype="float32", enforce_eager=True, max_model_len=256, max_num_seqs=8, seed=0,
                   kv_cache_memory_bytes=64 << 20, enable_prefix_caching=False)
-        params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        # Both sides write MAX_TOKENS tokens and keep the end-of-text ids (generation_config's eos_token_id list:
+        # <|im_end|> and <|endoftext|>) out of them: transformers' min_new_tokens masks that list, vLLM's
+        # min_tokens masks the same list (all_stop_token_ids); ignore_eos alone would let vLLM write them where
+        # transformers cannot, and a model that learnt to end its answers (the warm model) then differs there.
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, ignore_eos=True)
         outs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
         vllm_tokens = [list(o.outputs[0].token_ids) for o in outs]
         del llm
