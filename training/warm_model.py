@@ -13,7 +13,7 @@ the right answer and the one above it are likely, the wrong one usually a little
 is low while its samples often hold the right answer - the situation in which GRPO raises accuracy in real runs
 (pass@k well above pass@1: RL sharpens what the model can already sample, it does not teach new skills in a few
 steps). Measured: with the teacher's answers all right, 30 GRPO steps did not move greedy accuracy (the model's
-mistakes are not in its samples); with this teacher they lifted it by 40.6-51.6 points in three demo runs (README).
+mistakes are not in its samples); with this teacher they lifted it by 40.6-51.6 points in five demo runs (README).
 
 Speed: every prompt shares its first ~290 tokens (system prompt + the fixed start of the question), so each step
 runs that prefix once, with gradients, and broadcasts its key/value cache over the batch; only the ~20 tokens that
